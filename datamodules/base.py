@@ -1,0 +1,217 @@
+"""One data interface for every small image data set: uint8 splits, batches as [0,1] floats.
+
+A data set is two uint8 tensors per split, images (N,C,H,W) and labels (N,). The loader hands
+over either uint8 image batches (`on_device=False`, the usual pinned-memory path) or only
+indices into the split (`on_device=True`: the whole split lives on the model's device and the
+batch is gathered there, so the GPU never waits on loader workers). In both modes the batch is
+augmented on the device in `on_after_batch_transfer` and reaches the model as
+(x: (N,C,H,W) float32 in [0,1], y: (N,) int64). Normalization belongs to the classifier.
+
+Everything random is a function of (seed, epoch, index): the shuffle order is a
+`DistributedSampler` permutation (sharded across ranks under DDP) and each image's crop offset and
+flip are drawn per epoch from the seed. A run resumed from an epoch boundary therefore sees exactly
+the batches an uninterrupted run would, without any RNG state in the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+Split = Literal["train", "test"]
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set's files are not where they were expected; the message says what to do."""
+
+
+@dataclasses.dataclass
+class ImageSplit:
+    """images: (N,C,H,W) uint8; labels: (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be (N,C,H,W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must be ({len(self.images)},), got {tuple(self.labels.shape)}")
+        self.labels = self.labels.long()
+
+
+@dataclasses.dataclass
+class SplitBatch:
+    """What the loaders yield: indices into a split, plus the uint8 images and labels unless
+    the split is resident on the device (then they are gathered after the transfer)."""
+
+    split: str
+    indices: Tensor
+    images: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
+
+    def pin_memory(self) -> "SplitBatch":
+        pinned = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return SplitBatch(**{k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in pinned.items()})
+
+
+def _keep_as_is(batch: SplitBatch) -> SplitBatch:
+    return batch
+
+
+class _SplitDataset(Dataset):
+    """Batched access to a split (`__getitems__`): one tensor gather per batch, not per image."""
+
+    def __init__(self, name: str, split: ImageSplit, indices_only: bool) -> None:
+        self.name, self.split, self.indices_only = name, split, indices_only
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitems__(self, indices: list[int]) -> SplitBatch:
+        index = torch.tensor(indices, dtype=torch.long)
+        if self.indices_only:
+            return SplitBatch(self.name, index)
+        return SplitBatch(self.name, index, self.split.images[index], self.split.labels[index])
+
+    def __getitem__(self, index: int) -> SplitBatch:
+        return self.__getitems__([index])
+
+
+def crop_and_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Random-crop-with-zero-padding and horizontal flip, one gather for the whole batch.
+
+    images: (N,C,H,W) any dtype; offsets: (N,2) int64 in [0, 2*padding] (row, column) into the
+    padded image; flips: (N,) bool. Returns (N,C,H,W), same dtype and device.
+    """
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    rows = offsets[:, :1] + torch.arange(h, device=images.device)
+    columns = torch.arange(w, device=images.device).expand(n, w)
+    columns = torch.where(flips[:, None], w - 1 - columns, columns) + offsets[:, 1:]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2)
+
+
+def train_sampler(datamodule: pl.LightningDataModule, num_images: int, seed: int) -> DistributedSampler:
+    """The training order: a permutation that is f(seed, epoch), sharded over the trainer's ranks.
+
+    A DistributedSampler also with one process: Lightning keeps a loader's own DistributedSampler
+    (instead of replacing it) and calls its set_epoch every epoch.
+    """
+    trainer = datamodule.trainer
+    world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    return DistributedSampler(range(num_images), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 (N,C,H,W) in [0,255] -> float32 (N,C,H,W) in [0,1]."""
+    return images.float().div_(255.0)
+
+
+class TensorImageDataModule(pl.LightningDataModule):
+    """Base of the in-memory data sets. Subclasses set `class_names`, `channels`, `image_size`
+    and implement `load_split`. Validation and test both use the test split.
+
+    Args:
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size per process.
+        num_workers: loader worker processes (host mode only; 0 is right for resident data).
+        on_device: keep each whole split on the model's device and gather batches there.
+        crop_padding: zero padding of the random crop in pixels (0 disables the crop).
+        flip: random horizontal flips in training.
+        seed: seed of the shuffle order and the augmentation (linked to `seed_everything`).
+    """
+
+    class_names: tuple[str, ...] = ()
+    channels: int = 3
+    image_size: int = 32
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        on_device: bool = False,
+        crop_padding: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0:
+            raise ValueError("batch sizes must be >= 1 and crop_padding >= 0")
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.on_device, self.crop_padding, self.flip, self.seed = on_device, crop_padding, flip, seed
+        self.splits: dict[str, ImageSplit] = {}
+        self._resident: dict[tuple[str, torch.device], ImageSplit] = {}
+        self._augmentation: Optional[tuple[int, torch.device, Tensor, Tensor]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_split(self, split: Split) -> ImageSplit:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        wanted = ("train", "test") if stage in (None, "fit") else ("test",)
+        for split in wanted:
+            if split not in self.splits:
+                self.splits[split] = self.load_split(split)
+
+    def _loader(self, split: Split, batch_size: int, sampler: Optional[DistributedSampler]) -> DataLoader:
+        dataset = _SplitDataset(split, self.splits[split], indices_only=self.on_device)
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=_keep_as_is,
+            num_workers=0 if self.on_device else self.num_workers,
+            pin_memory=not self.on_device and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0 and not self.on_device,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train_sampler(self, len(self.splits["train"].labels), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: SplitBatch, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = (batch.images, batch.labels) if batch.images is not None else self._gather(batch)
+        if batch.split == "train":
+            images = self._augment(images, batch.indices)
+        return to_unit_float(images), labels
+
+    def _gather(self, batch: SplitBatch) -> tuple[Tensor, Tensor]:
+        device = batch.indices.device
+        key = (batch.split, device)
+        if key not in self._resident:
+            split = self.splits[batch.split]
+            self._resident[key] = ImageSplit(split.images.to(device), split.labels.to(device))
+        resident = self._resident[key]
+        return resident.images[batch.indices], resident.labels[batch.indices]
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _augment(self, images: Tensor, indices: Tensor) -> Tensor:
+        if self.crop_padding == 0 and not self.flip:
+            return images
+        offsets, flips = self._epoch_augmentation(indices.device)
+        return crop_and_flip(images, offsets[indices], flips[indices], self.crop_padding)
+
+    def _epoch_augmentation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Crop offsets (N,2) and flips (N,) for every training image, drawn once per epoch."""
+        epoch = self._epoch()
+        if self._augmentation is None or self._augmentation[:2] != (epoch, device):
+            n = len(self.splits["train"].labels)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+            flips = (torch.rand(n, generator=g) < 0.5) & self.flip
+            self._augmentation = (epoch, device, offsets.to(device), flips.to(device))
+        return self._augmentation[2], self._augmentation[3]

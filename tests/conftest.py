@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engine.cli import RestorationCLI
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+QUICKSTART_CONFIG = str(REPO_ROOT / "configs" / "victim_shapes.yaml")
+
+# The quick-start config, shrunk to seconds: fewer images, no progress bars.
+SMALL_RUN = [
+    "--data.init_args.num_train", "3000", "--data.init_args.num_test", "500",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+@pytest.fixture(scope="session")
+def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per session."""
+    if not CIFAR_TARBALL.is_file():
+        pytest.skip(f"real CIFAR-10 data absent: {CIFAR_TARBALL} (it sits in ../shared/data beside the checkout)")
+    root = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(CIFAR_TARBALL) as archive:
+        archive.extractall(root, filter="data")
+    return root
+
+
+def run_dirs(tmp_path: Path, name: str) -> list[str]:
+    return ["--run.name", name, "--run.root", str(tmp_path / "runs"), "--run.export_dir", str(tmp_path / "exports")]
+
+
+def fit(tmp_path: Path, name: str, *extra: str) -> RestorationCLI:
+    """`train.py fit` on the quick-start config, in this process."""
+    return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(tmp_path, name), *extra])
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A project script in a fresh Python process (needed where Lightning launches processes)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import CIFAR10, SHAPE_CLASSES, DataNotFoundError, FashionMNIST, ImageFolderTensors, Shapes, render_shapes
+from datamodules.base import crop_and_flip
+
+
+def batches(datamodule, loader, count: int = 3):
+    return [datamodule.on_after_batch_transfer(batch, 0) for _, batch in zip(range(count), loader)]
+
+
+def test_shapes_are_deterministic_balanced_and_in_range():
+    images, labels = render_shapes(200, seed=3)
+    again, same_labels = render_shapes(200, seed=3)
+    other, _ = render_shapes(200, seed=4)
+    assert images.shape == (200, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, again) and torch.equal(labels, same_labels)
+    assert not torch.equal(images, other)
+    assert labels.bincount(minlength=10).tolist() == [20] * 10
+    # Not flat: every image has edges and texture (std of pixel values well above zero).
+    assert images.float().flatten(1).std(dim=1).min() > 5
+
+
+def test_colour_statistics_do_not_give_the_class_away():
+    # A nearest-centroid classifier on per-image colour mean and spread stays near chance (10%):
+    # a classifier has to learn the shapes. (That a CNN does is tested in test_training.py.)
+    def colour_features(images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float().flatten(2)
+        return torch.cat([pixels.mean(2), pixels.std(2)], dim=1)
+
+    train_images, train_labels = render_shapes(3000, seed=0)
+    test_images, test_labels = render_shapes(1000, seed=1)
+    centroids = torch.stack([colour_features(train_images[train_labels == k]).mean(0) for k in range(len(SHAPE_CLASSES))])
+    predicted = torch.cdist(colour_features(test_images), centroids).argmin(1)
+    assert (predicted == test_labels).float().mean() < 0.2
+
+
+def test_batches_are_unit_floats_and_resident_mode_gives_the_same_batches():
+    host = Shapes(num_train=300, num_test=100, batch_size=64, eval_batch_size=50, seed=5)
+    resident = Shapes(num_train=300, num_test=100, batch_size=64, eval_batch_size=50, seed=5, on_device=True)
+    for datamodule in (host, resident):
+        datamodule.setup("fit")
+    for make_loader in ("train_dataloader", "val_dataloader"):
+        for (x, y), (x_resident, y_resident) in zip(
+            batches(host, getattr(host, make_loader)()), batches(resident, getattr(resident, make_loader)())
+        ):
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert x.shape[1:] == (3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+            assert torch.equal(x, x_resident) and torch.equal(y, y_resident)
+
+
+def test_crop_and_flip_matches_a_per_image_reference():
+    images = torch.randint(0, 256, (6, 3, 8, 10), dtype=torch.uint8)
+    offsets = torch.randint(0, 5, (6, 2))
+    flips = torch.tensor([True, False, True, True, False, False])
+    out = crop_and_flip(images, offsets, flips, padding=2)
+    for image, (row, column), flip, result in zip(images, offsets, flips, out):
+        padded = F.pad(image, (2, 2, 2, 2))
+        expected = padded[:, row : row + 8, column : column + 10]
+        if flip:
+            expected = expected.flip(-1)
+        assert torch.equal(result, expected)
+
+
+def test_augmentation_is_a_function_of_seed_and_epoch():
+    def first_batch(seed: int, epoch: int) -> torch.Tensor:
+        datamodule = Shapes(num_train=200, num_test=20, batch_size=200, seed=seed)
+        datamodule.setup("fit")
+        datamodule._epoch = lambda: epoch  # what the trainer's current_epoch would say
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return batches(datamodule, loader, 1)[0][0]
+
+    assert torch.equal(first_batch(0, 1), first_batch(0, 1))
+    assert not torch.equal(first_batch(0, 1), first_batch(0, 2))
+    assert not torch.equal(first_batch(0, 1), first_batch(1, 1))
+
+
+def test_training_order_is_sharded_across_ranks():
+    datamodule = Shapes(num_train=100, num_test=20, batch_size=10)
+    datamodule.setup("fit")
+
+    class FakeTrainer:
+        world_size, current_epoch = 2, 0
+
+    shards = []
+    for rank in (0, 1):
+        FakeTrainer.global_rank = rank
+        datamodule.trainer = FakeTrainer()
+        shards.append(set(datamodule.train_dataloader().sampler))
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(100))
+
+
+def test_missing_cifar_names_the_expected_path_and_the_fix(tmp_path: Path):
+    with pytest.raises(DataNotFoundError, match=str(tmp_path)) as error:
+        CIFAR10(root=str(tmp_path)).setup("test")
+    assert "download: true" in str(error.value) and "train/<class>" in str(error.value)
+
+
+def _write_idx(path: Path, magic: int, array: torch.Tensor) -> None:
+    path.write_bytes(struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.numpy().tobytes())
+
+
+@pytest.fixture
+def fashion_root(tmp_path: Path) -> Path:
+    """A tiny Fashion-MNIST in torchvision's raw idx format (4 train, 3 test images)."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, count in (("train", 4), ("t10k", 3)):
+        images = torch.arange(count * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 28, 28)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", 2051, images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, torch.arange(count, dtype=torch.uint8))
+    return tmp_path
+
+
+@pytest.mark.parametrize("as_rgb, channels", [(False, 1), (True, 3)])
+def test_fashion_mnist_keeps_one_channel_or_repeats_it(fashion_root: Path, as_rgb: bool, channels: int):
+    datamodule = FashionMNIST(root=str(fashion_root), as_rgb=as_rgb, eval_batch_size=8)
+    datamodule.setup("test")
+    x, y = batches(datamodule, datamodule.test_dataloader(), 1)[0]
+    assert datamodule.channels == channels and x.shape == (3, channels, 28, 28)
+    assert y.tolist() == [0, 1, 2] and torch.equal(x[:, :1].expand_as(x), x)
+
+
+def test_cifar10_from_the_real_jpeg_tree(cifar_tree: Path):
+    datamodule = CIFAR10(root=str(cifar_tree), eval_batch_size=1000)
+    datamodule.setup("fit")
+    train, test = datamodule.splits["train"], datamodule.splits["test"]
+    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.labels.bincount().tolist() == [5000] * 10 and test.labels.bincount().tolist() == [1000] * 10
+    x, _ = batches(datamodule, datamodule.val_dataloader(), 1)[0]
+    assert x.shape == (1000, 3, 32, 32) and 0.2 < x.mean() < 0.8
+    # The generic in-memory ImageFolder reads the same tree to the same tensors.
+    generic = ImageFolderTensors(root=str(cifar_tree))
+    assert generic.class_names == CIFAR10.class_names
+    assert torch.equal(generic.load_split("test").images, test.images)
