@@ -1,0 +1,46 @@
+"""Classifiers that take [0,1] images: normalization inside, and a frozen variant for loss loops."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class NormalizedClassifier(nn.Module):
+    """x: (N,C,H,W) float in [0,1] -> logits (N,K) = net((x - mean) / std).
+
+    mean/std are per-channel; None means 0.5 for every channel (inputs mapped to [-1,1]).
+    They are non-persistent buffers: they follow the module's device but are not in its
+    state_dict (the export file records them beside the weights).
+    """
+
+    def __init__(self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        self.net = net
+        channels = len(mean) if mean is not None else len(std) if std is not None else 1
+        mean = [0.5] * channels if mean is None else list(mean)
+        std = [0.5] * channels if std is None else list(std)
+        if len(mean) != len(std) or min(std) <= 0:
+            raise ValueError(f"mean and std need one value per channel and std > 0, got mean={mean} std={std}")
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+class FrozenClassifier(NormalizedClassifier):
+    """A NormalizedClassifier that never trains: every parameter has requires_grad=False (so no
+    optimizer updates it and DDP does not try to reduce it), and it stays in eval mode even when
+    a parent module or an attack library calls `.train()` (BatchNorm keeps its running
+    statistics). Gradients with respect to the input still flow.
+    """
+
+    def __init__(self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+        super().__init__(net, mean, std)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenClassifier":
+        return super().train(False)

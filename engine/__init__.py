@@ -1,0 +1,1 @@
+"""Engineering shared by every experiment: the LightningCLI, callbacks and the export format."""

@@ -1,0 +1,43 @@
+"""Callbacks: engineering that stays out of the research modules."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from engine.export import atomic_save
+
+
+class ChannelsLast(pl.Callback):
+    """Put the module's 4-D weights in channels_last layout before training: convolutions then
+    run in NHWC (tensor cores' native layout) and produce channels_last outputs; the first
+    convolution converts the input batch itself, so data modules need not."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+
+class ExportOnFitEnd(pl.Callback):
+    """At the end of a completed fit, write the module's export file (see engine.export) to
+    `path` (train.py sets it to <run.export_dir>/<run.name>.pt). Rank 0 writes it, atomically;
+    an interrupted fit writes nothing. The module provides `to_export(meta) -> dict`.
+    """
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.path is None or not trainer.is_global_zero:
+            return
+        meta: dict[str, Any] = {
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "data": type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
+            "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+        }
+        atomic_save(pl_module.to_export(meta), self.path)
+        rank_zero_info(f"Exported {type(pl_module).__name__} to {self.path}")

@@ -1,0 +1,79 @@
+"""The project's LightningCLI: one run name decides where everything of a run is written.
+
+    runs/<run.name>/               TensorBoard events, config.yaml, hparams.yaml
+    runs/<run.name>/checkpoints/   last.ckpt (every epoch) and the best checkpoint
+    checkpoints/<run.name>.pt      the export file, written when fit completes
+
+Fixed folders (no version_N) are what make `--ckpt_path last` find the run's own last
+checkpoint; a fresh `fit` into a run that already has one is refused rather than silently
+overwriting it. Every model takes `num_classes` and `in_chans`, linked from the data module,
+and the data module's shuffle/augmentation seed is linked from `seed_everything`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from engine.callbacks import ExportOnFitEnd
+
+
+def _checkpoint_dir(root: str, name: str) -> str:
+    return str(Path(root) / name / "checkpoints")
+
+
+def _export_path(export_dir: str, name: str) -> str:
+    return str(Path(export_dir) / f"{name}.pt")
+
+
+def _data_seed(seed_everything: Any) -> int:
+    # seed_everything may be true/false (Lightning's "random seed" / "no seeding"): data order then uses 0.
+    return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
+
+
+class RestorationCLI(LightningCLI):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(
+            pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            seed_everything_default=0,
+            # A resumed run writes its config again into the same run folder (Lightning #17115).
+            save_config_kwargs={"overwrite": True},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run.name", type=str, required=True, help="run name: runs/<name>/ and checkpoints/<name>.pt")
+        parser.add_argument("--run.root", type=str, default="runs", help="folder of the run folders")
+        parser.add_argument("--run.export_dir", type=str, default="checkpoints", help="folder of the export files")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.save_last": True, "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
+            "checkpoint.filename": "best-epoch{epoch}-step{step}", "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.link_arguments(("run.root", "run.name"), "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(ExportOnFitEnd, "export")
+        parser.link_arguments(("run.export_dir", "run.name"), "export.path", compute_fn=_export_path)
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_data_seed)
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        run = self._get(self.config_init, "run")
+        run_dir = Path(run.root) / run.name
+        kwargs.setdefault("default_root_dir", str(run_dir))  # also where SLURM requeue checkpoints go
+        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=run.root, name=run.name, version="", default_hp_metric=False)
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        if self.config.fit.ckpt_path is None and last.exists():
+            raise FileExistsError(
+                f"run '{self.config.fit.run.name}' already has checkpoints ({last}). Resume it with "
+                "`--ckpt_path last`, start a new run with another `--run.name`, or delete "
+                f"'{last.parent.parent}' to start this one again."
+            )

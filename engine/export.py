@@ -1,0 +1,112 @@
+"""The export format every trained model of this project is saved in, and read back with.
+
+An export is a plain dict that `torch.load(weights_only=True)` accepts (tensors, str, int,
+float, bool, None, lists and dicts of them; no pickled classes):
+
+    {"format": "restoration-defense-export", "version": 1, "kind": "classifier" | ...,
+     "model": {everything needed to rebuild the module: architecture name and arguments, ...},
+     "state_dict": {name: tensor}, "meta": {run, epochs, metrics, library versions, commit}}
+
+Files are written atomically (temporary file in the same folder, then rename), so a crash
+mid-write never leaves a truncated file where a good one was.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+EXPORT_FORMAT = "restoration-defense-export"
+EXPORT_VERSION = 1
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class NotAnExportError(ValueError):
+    """A file handed to us is not an export of this project (or not one of the kind expected)."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights_only(path: str | os.PathLike, what: str) -> Any:
+    """torch.load(weights_only=True) with errors that say what the file was expected to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as refused:
+        reason = next((line.strip() for line in str(refused).splitlines() if "WeightsUnpickler" in line), "")
+        raise NotAnExportError(
+            f"refusing '{path}' as a {what}: it holds Python objects that weights-only loading does not "
+            f"allow ({reason or 'not plain tensors and containers'}). Only files of plain tensors are "
+            "loaded; export trusted models with this project's export command."
+        ) from refused
+    except (RuntimeError, EOFError, OSError) as broken:
+        raise NotAnExportError(f"'{path}' is not a readable {what} ({type(broken).__name__}: {broken})") from broken
+
+
+def make_export(kind: str, model: dict[str, Any], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Assemble an export dict; tensors are detached, made contiguous and moved to the CPU."""
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
+    return {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": kind, "model": model,
+        "state_dict": weights, "meta": {**environment_meta(), **meta},
+    }
+
+
+def read_export(path: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
+    """Load and check an export file; `kind` (e.g. "classifier") is enforced when given."""
+    payload = load_weights_only(path, "export file")
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise NotAnExportError(
+            f"'{path}' is not an export of this project (no format '{EXPORT_FORMAT}'); "
+            "a Lightning .ckpt can be exported with `python -m classifiers.export RUN.ckpt OUT.pt`"
+        )
+    if payload.get("version") != EXPORT_VERSION:
+        raise NotAnExportError(f"'{path}' is export version {payload.get('version')}; this code reads version {EXPORT_VERSION}")
+    if kind is not None and payload.get("kind") != kind:
+        raise NotAnExportError(f"'{path}' exports a {payload.get('kind')}, not a {kind}")
+    return payload
+
+
+def git_commit() -> str:
+    """The project's HEAD commit, with '+dirty' when tracked files have uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
+def environment_meta() -> dict[str, str]:
+    import pytorch_lightning
+
+    return {
+        "commit": git_commit(), "torch": str(torch.__version__), "pytorch_lightning": str(pytorch_lightning.__version__),
+        "python": platform.python_version(),
+    }
