@@ -1,7 +1,7 @@
 """The project's LightningCLI: one run name decides where everything of a run is written.
 
     runs/<run.name>/               TensorBoard events, config.yaml, hparams.yaml
-    runs/<run.name>/checkpoints/   last.ckpt (every epoch) and the best checkpoint
+    runs/<run.name>/checkpoints/   last.ckpt (rewritten every epoch) and the best checkpoint
     checkpoints/<run.name>.pt      the export file, written when fit completes
 
 Fixed folders (no version_N) are what make `--ckpt_path last` find the run's own last
@@ -49,12 +49,18 @@ class RestorationCLI(LightningCLI):
         parser.add_argument("--run.name", type=str, required=True, help="run name: runs/<name>/ and checkpoints/<name>.pt")
         parser.add_argument("--run.root", type=str, default="runs", help="folder of the run folders")
         parser.add_argument("--run.export_dir", type=str, default="checkpoints", help="folder of the export files")
+        # Two checkpoint callbacks: the best by a metric, and last.ckpt rewritten every epoch. One
+        # ModelCheckpoint(save_last=True, monitor=...) refreshes last.ckpt only in epochs that also
+        # saved a top-k file, so a resume could silently restart from an older epoch.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.save_last": True, "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
+            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
             "checkpoint.filename": "best-epoch{epoch}-step{step}", "checkpoint.auto_insert_metric_name": False,
         })
-        parser.link_arguments(("run.root", "run.name"), "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False})
+        for key in ("checkpoint.dirpath", "last_checkpoint.dirpath"):
+            parser.link_arguments(("run.root", "run.name"), key, compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
         parser.link_arguments(("run.export_dir", "run.name"), "export.path", compute_fn=_export_path)
         parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_data_seed)

@@ -56,14 +56,20 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:
-        reason = next((line.strip() for line in str(refused).splitlines() if "WeightsUnpickler" in line), "")
         raise NotAnExportError(
-            f"refusing '{path}' as a {what}: it holds Python objects that weights-only loading does not "
-            f"allow ({reason or 'not plain tensors and containers'}). Only files of plain tensors are "
-            "loaded; export trusted models with this project's export command."
+            f"refusing '{path}' as a {what}: weights-only loading rejects it ({_unpickler_reason(refused)}). "
+            "Only files of plain tensors and containers are loaded; export trusted models with this "
+            "project's export command."
         ) from refused
-    except (RuntimeError, EOFError, OSError) as broken:
-        raise NotAnExportError(f"'{path}' is not a readable {what} ({type(broken).__name__}: {broken})") from broken
+    except Exception as broken:  # torch.load fails on junk in many ways (EOFError, struct.error, ...)
+        raise NotAnExportError(f"refusing '{path}' as a {what}: not a readable torch file ({type(broken).__name__}: {broken})") from broken
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The one informative sentence of torch's weights-only error, e.g. 'Unsupported global: GLOBAL x.Y'."""
+    _, _, detail = str(error).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return lines[0] if lines else "not a file written by torch.save"
 
 
 def make_export(kind: str, model: dict[str, Any], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

@@ -13,10 +13,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 QUICKSTART_CONFIG = str(REPO_ROOT / "configs" / "victim_shapes.yaml")
 
-# The quick-start config, shrunk to seconds: fewer images, no progress bars.
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+# The quick-start config, shrunk to seconds: 3000 images in batches of 32 at a constant
+# learning rate. The shapes have a start-up plateau; at 0.02 every seed and precision we tried
+# leaves it within 2 epochs, while one-cycle's warm-up or lr 0.05 kept some runs on it.
 SMALL_RUN = [
-    "--data.init_args.num_train", "3000", "--data.init_args.num_test", "500",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--data.init_args.num_train", "3000", "--data.init_args.num_test", "500", "--data.init_args.batch_size", "32",
+    "--model.init_args.schedule", "constant", "--model.init_args.lr", "0.02", *QUIET,
 ]
 
 
@@ -35,9 +38,9 @@ def run_dirs(tmp_path: Path, name: str) -> list[str]:
     return ["--run.name", name, "--run.root", str(tmp_path / "runs"), "--run.export_dir", str(tmp_path / "exports")]
 
 
-def fit(tmp_path: Path, name: str, *extra: str) -> RestorationCLI:
-    """`train.py fit` on the quick-start config, in this process."""
-    return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(tmp_path, name), *extra])
+def fit(tmp_path: Path, name: str, *extra: str, shrink: list[str] = SMALL_RUN) -> RestorationCLI:
+    """`train.py fit` on the quick-start config (shrunk unless told otherwise), in this process."""
+    return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *shrink, *run_dirs(tmp_path, name), *extra])
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

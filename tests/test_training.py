@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from classifiers import load_classifier
+from engine.cli import RestorationCLI
+from tests.conftest import QUICKSTART_CONFIG, QUIET, SMALL_RUN, fit, run_dirs, run_script
+
+TRAIN_IMAGES, BATCH = 3000, 32  # SMALL_RUN's training set and batch size
+STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES / BATCH)
+
+
+def export_of(tmp_path: Path, name: str) -> dict:
+    return torch.load(tmp_path / "exports" / f"{name}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short quick-start run (2 epochs), shared by the tests that only read its files."""
+    root = tmp_path_factory.mktemp("trained")
+    fit(root, "victim", "--trainer.max_epochs", "2")
+    return root
+
+
+def test_quickstart_victim_learns_the_embedded_set(tmp_path: Path):
+    fit(tmp_path, "victim", shrink=QUIET)  # the README's quick start as it is
+    accuracy = export_of(tmp_path, "victim")["meta"]["metrics"]["val/acc"]
+    assert accuracy >= 0.9, f"small CNN reached only {accuracy:.3f} on the embedded shapes"
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path):
+    cli = fit(tmp_path, "bf16", "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "3")
+    assert cli.trainer.precision == "bf16-mixed"
+    assert export_of(tmp_path, "bf16")["meta"]["metrics"]["val/acc"] > 0.2  # chance is 0.1
+
+
+class _Recorder(pl.Callback):
+    """Records where training starts and stops training after `stop_after` epochs."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after, self.start = stop_after, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        momentum = trainer.optimizers[0].state_dict()["state"]
+        self.start = (trainer.current_epoch, trainer.global_step, {k: v["momentum_buffer"].clone() for k, v in momentum.items()})
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop_after is not None and trainer.current_epoch + 1 == self.stop_after:
+            trainer.should_stop = True  # an interruption at an epoch boundary, without a kill
+
+
+def fit_recorded(tmp_path: Path, name: str, recorder: _Recorder, *extra: str) -> RestorationCLI:
+    class RecordingCLI(RestorationCLI):
+        def before_fit(self) -> None:
+            super().before_fit()
+            self.trainer.callbacks.append(recorder)
+
+    return RecordingCLI(args=["fit", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(tmp_path, name), *extra])
+
+
+def test_resume_continues_from_the_last_checkpoint_exactly(tmp_path: Path):
+    four_epochs = ["--trainer.max_epochs", "4"]
+    four_epochs += ["--model.init_args.schedule", "onecycle"]  # its scheduler state must resume too
+    fit_recorded(tmp_path, "run", _Recorder(stop_after=2), *four_epochs)
+    last = torch.load(tmp_path / "runs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
+
+    resumed = _Recorder()
+    cli = fit_recorded(tmp_path, "run", resumed, *four_epochs, "--ckpt_path", "last")
+    epoch, step, momentum = resumed.start
+    assert (epoch, step) == (2, 2 * STEPS_PER_EPOCH)
+    saved = last["optimizer_states"][0]["state"]
+    assert momentum and all(torch.equal(momentum[k], saved[k]["momentum_buffer"]) for k in momentum)
+    assert cli.trainer.global_step == 4 * STEPS_PER_EPOCH
+
+    uninterrupted = fit(tmp_path, "straight", *four_epochs)
+    for (name, resumed_weight), straight_weight in zip(
+        cli.model.state_dict().items(), uninterrupted.model.state_dict().values()
+    ):
+        assert torch.equal(resumed_weight, straight_weight), f"{name} differs after resume"
+
+
+def test_a_fresh_fit_never_overwrites_an_existing_run(trained_run: Path):
+    with pytest.raises(FileExistsError, match="--ckpt_path last"):
+        fit(trained_run, "victim", "--trainer.max_epochs", "1")
+
+
+def test_test_subcommand_evaluates_the_last_checkpoint(trained_run: Path):
+    cli = RestorationCLI(args=[
+        "test", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(trained_run, "victim"), "--ckpt_path", "last",
+    ])
+    assert cli.trainer.callback_metrics["test/acc"] > 0.2  # chance is 0.1
+
+
+def test_checkpoint_export_command_and_its_overwrite_guard(trained_run: Path, tmp_path: Path):
+    checkpoint = trained_run / "runs" / "victim" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "victim.pt"
+    first = run_script("-m", "classifiers.export", str(checkpoint), str(out))
+    assert first.returncode == 0, first.stderr
+    again = run_script("-m", "classifiers.export", str(checkpoint), str(out))
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    x = torch.rand(4, 3, 32, 32)
+    from_fit_end = load_classifier(trained_run / "exports" / "victim.pt")
+    assert torch.equal(load_classifier(out)(x), from_fit_end(x))
+    assert torch.equal(load_classifier(checkpoint)(x), from_fit_end(x))
+
+
+def test_ddp_with_two_cpu_processes_trains(tmp_path: Path):
+    result = run_script(
+        "train.py", "fit", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(tmp_path, "ddp"),
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.max_epochs", "3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = export_of(tmp_path, "ddp")["meta"]
+    assert meta["world_size"] == 2
+    # Each rank sees half of the images: half the optimizer steps of a single process.
+    assert meta["global_step"] == 3 * math.ceil(TRAIN_IMAGES / 2 / BATCH)
+    assert meta["metrics"]["val/acc"] > 0.2  # chance is 0.1
