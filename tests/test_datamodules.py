@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import CIFAR10, SHAPE_CLASSES, DataNotFoundError, FashionMNIST, ImageFolderTensors, Shapes, render_shapes
+from PIL import Image
+
+from datamodules import (
+    CIFAR10, SHAPE_CLASSES, STL10, SVHN, DataNotFoundError, FashionMNIST, ImageFolderStream, ImageFolderTensors, Shapes,
+    render_shapes,
+)
 from datamodules.base import crop_and_flip
 
 
@@ -140,3 +145,40 @@ def test_cifar10_from_the_real_jpeg_tree(cifar_tree: Path):
     generic = ImageFolderTensors(root=str(cifar_tree))
     assert generic.class_names == CIFAR10.class_names
     assert torch.equal(generic.load_split("test").images, test.images)
+
+
+@pytest.mark.parametrize("datamodule_class, expected", [
+    (CIFAR10, "cifar-10-batches-py"), (SVHN, "test_32x32.mat"), (STL10, "stl10_binary"), (FashionMNIST, "-ubyte"),
+])
+def test_every_torchvision_set_names_its_missing_files(tmp_path: Path, datamodule_class, expected: str):
+    with pytest.raises(DataNotFoundError, match=expected) as error:
+        datamodule_class(root=str(tmp_path)).setup("test")
+    assert str(tmp_path) in str(error.value)
+
+
+def _write_tree(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    """root/<split>/<class>/<i>.png with random pixels; sizes maps class -> (height, width)."""
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for name, (height, width) in sizes.items():
+            (root / split / name).mkdir(parents=True)
+            for index in range(3):
+                pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{index}.png")
+
+
+def test_image_folder_stream_resizes_any_tree_to_unit_float_batches(tmp_path: Path):
+    _write_tree(tmp_path, {"cat": (40, 60), "dog": (50, 30)})
+    datamodule = ImageFolderStream(root=str(tmp_path), image_size=24, resize_size=28, batch_size=4, eval_batch_size=6, num_workers=0)
+    assert datamodule.class_names == ("cat", "dog") and datamodule.num_classes == 2
+    datamodule.setup("fit")
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
+        x, y = datamodule.on_after_batch_transfer(next(iter(loader)), 0)
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 24, 24) and 0 <= x.min() and x.max() <= 1
+        assert set(y.tolist()) <= {0, 1}
+
+
+def test_in_memory_image_folder_refuses_mixed_sizes(tmp_path: Path):
+    _write_tree(tmp_path, {"cat": (40, 60), "dog": (50, 30)})
+    with pytest.raises(ValueError, match="ImageFolderStream"):
+        ImageFolderTensors(root=str(tmp_path)).setup("test")

@@ -9,7 +9,7 @@ import torch
 
 from classifiers import load_classifier
 from engine.cli import RestorationCLI
-from tests.conftest import QUICKSTART_CONFIG, QUIET, SMALL_RUN, fit, run_dirs, run_script
+from tests.conftest import QUICKSTART_CONFIG, QUIET, REPO_ROOT, SMALL_RUN, fit, run_dirs, run_script
 
 TRAIN_IMAGES, BATCH = 3000, 32  # SMALL_RUN's training set and batch size
 STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES / BATCH)
@@ -122,3 +122,23 @@ def test_ddp_with_two_cpu_processes_trains(tmp_path: Path):
     # Each rank sees half of the images: half the optimizer steps of a single process.
     assert meta["global_step"] == 3 * math.ceil(TRAIN_IMAGES / 2 / BATCH)
     assert meta["metrics"]["val/acc"] > 0.2  # chance is 0.1
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses(config: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as printed:
+        RestorationCLI(args=["fit", "--config", str(REPO_ROOT / "configs" / config), "--print_config"])
+    assert printed.value.code == 0
+    assert "inference_mode: false" in capsys.readouterr().out  # attacks need gradients in validate/test
+
+
+def test_the_cifar10_gpu_config_runs_on_cpu_at_tiny_scale(cifar_tree: Path, tmp_path: Path):
+    cli = RestorationCLI(args=[
+        "fit", "--config", str(REPO_ROOT / "configs" / "victim_cifar10.yaml"), *run_dirs(tmp_path, "cifar"), *QUIET,
+        "--data.init_args.root", str(cifar_tree), "--model.init_args.arch_kwargs", "{width: 8}",
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.on_device", "false",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+    ])
+    stem = cli.model.classifier.net.stem.weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)  # the ChannelsLast callback ran
+    assert cli.trainer.global_step == 3 and (tmp_path / "exports" / "cifar.pt").is_file()
