@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+
+from engine import callbacks
+from engine.callbacks import TrainThroughput
+from engine.export import atomic_save
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path):
+    path = atomic_save({"version": torch.tensor(1)}, tmp_path / "model.pt")
+    with pytest.raises(Exception):
+        atomic_save({"unpicklable": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["version"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+def test_throughput_counts_training_images_and_excludes_validation(monkeypatch: pytest.MonkeyPatch):
+    clock = iter([10.0, 12.0])  # epoch start, validation start
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kw: logged.update({name: value}))
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), sanity_checking=False, world_size=2)
+
+    throughput = TrainThroughput()
+    throughput.on_train_epoch_start(trainer, module)
+    for index in range(3):
+        throughput.on_train_batch_end(trainer, module, None, (torch.zeros(10, 3, 4, 4), torch.zeros(10)), index)
+    throughput.on_validation_epoch_start(trainer, module)  # t = 12: training took 2 s
+    throughput.on_train_epoch_end(trainer, module)  # any time later: validation is not counted
+    assert logged == {"perf/train_img_per_s": 30 * 2 / 2.0}
