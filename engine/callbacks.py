@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
-from engine.export import atomic_save
+from engine.export import atomic_save, git_commit
 
 
 class ChannelsLast(pl.Callback):
@@ -63,11 +63,17 @@ class ExportOnFitEnd(pl.Callback):
 
     def __init__(self, path: Optional[str] = None) -> None:
         self.path = path
+        self._commit = "unknown"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The commit of the code that runs, read now: by the end of a long run HEAD may have moved.
+        self._commit = git_commit()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.path is None or not trainer.is_global_zero:
             return
         meta: dict[str, Any] = {
+            "commit": self._commit,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "data": type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,

@@ -9,7 +9,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 from engine import callbacks
 from engine.callbacks import TrainThroughput
-from engine.export import atomic_save
+from engine.export import atomic_save, make_export
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path):
@@ -34,3 +34,17 @@ def test_throughput_counts_training_images_and_excludes_validation(monkeypatch: 
     throughput.on_validation_epoch_start(trainer, module)  # t = 12: training took 2 s
     throughput.on_train_epoch_end(trainer, module)  # any time later: validation is not counted
     assert logged == {"perf/train_img_per_s": 30 * 2 / 2.0}
+
+
+def test_export_records_the_commit_the_fit_started_from(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    commits = iter(["commit-at-start", "commit-at-end"])
+    monkeypatch.setattr(callbacks, "git_commit", lambda: next(commits))
+    export = callbacks.ExportOnFitEnd(str(tmp_path / "model.pt"))
+    module = SimpleNamespace(to_export=lambda meta: make_export("classifier", {}, {}, meta))
+    trainer = SimpleNamespace(
+        is_global_zero=True, current_epoch=1, global_step=5, datamodule=None, callback_metrics={},
+        precision="32-true", world_size=1,
+    )
+    export.on_fit_start(trainer, module)
+    export.on_fit_end(trainer, module)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["meta"]["commit"] == "commit-at-start"
