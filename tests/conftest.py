@@ -24,6 +24,14 @@ SMALL_RUN = [
 
 
 @pytest.fixture(scope="session")
+def shapes_victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's quick start, run once per session: the export file of the trained small CNN."""
+    root = tmp_path_factory.mktemp("quickstart")
+    fit(root, "victim_shapes", shrink=QUIET)
+    return root / "exports" / "victim_shapes.pt"
+
+
+@pytest.fixture(scope="session")
 def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per session."""
     if not CIFAR_TARBALL.is_file():

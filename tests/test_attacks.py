@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from attacks import GradientAttack, bim, fgsm, input_gradient, mi_fgsm, pgd, seeded_generator
+from classifiers import FrozenClassifier, load_classifier
+from datamodules import render_shapes
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def victim(shapes_victim: Path) -> FrozenClassifier:
+    return load_classifier(shapes_victim)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> tuple[Tensor, Tensor]:
+    """400 images of the quick start's test split (shapes seed 1), as [0,1] floats."""
+    images, labels = render_shapes(400, seed=1)
+    return images.float() / 255, labels
+
+
+def accuracy(model, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_pgd_drives_the_undefended_victim_to_near_zero(victim, held_out):
+    x, y = held_out
+    assert accuracy(victim, x, y) > 0.9
+    x_adv = pgd(EPS, steps=10)(victim, x, y, seeded_generator("cpu", 0))
+    assert (x_adv - x).abs().max() <= EPS + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    assert accuracy(victim, x_adv, y) < 0.05
+
+
+def test_accuracy_does_not_rise_with_epsilon(victim, held_out):
+    x, y = held_out
+    accuracies = [
+        accuracy(victim, pgd(eps / 255, steps=10)(victim, x, y, seeded_generator("cpu", 0)), y) if eps else accuracy(victim, x, y)
+        for eps in (0, 1, 2, 4, 8)
+    ]
+    assert accuracies == sorted(accuracies, reverse=True), accuracies
+    assert accuracies[0] - accuracies[-1] > 0.85
+
+
+def test_our_iterates_match_foolbox_pgd(victim, held_out):
+    import foolbox
+
+    x, y = held_out[0][:100], held_out[1][:100]
+    ours = GradientAttack("linf", EPS, steps=10, step_size=EPS / 4, random_start=False)(victim, x, y)
+    reference = foolbox.attacks.LinfPGD(abs_stepsize=EPS / 4, steps=10, random_start=False)
+    _, theirs, _ = reference(foolbox.PyTorchModel(victim, bounds=(0, 1)), x, y, epsilons=EPS)
+    # Same algorithm, independent code: the iterates agree except where a gradient component
+    # is so small that float rounding flips its sign.
+    assert (ours != theirs).float().mean() < 1e-3
+    assert accuracy(victim, ours, y) == pytest.approx(accuracy(victim, theirs, y), abs=0.02)
+
+
+def test_l2_pgd_stays_in_its_ball(victim, held_out):
+    x, y = held_out
+    x_adv = pgd(0.5, steps=10, norm="l2")(victim, x, y, seeded_generator("cpu", 1))
+    assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert accuracy(victim, x_adv, y) < accuracy(victim, x, y) - 0.3
+
+
+@pytest.mark.parametrize("attack", [fgsm(EPS), bim(EPS), mi_fgsm(EPS)], ids=["fgsm", "bim", "mi-fgsm"])
+def test_one_step_and_momentum_attacks_respect_eps_and_hurt(victim, held_out, attack):
+    x, y = held_out
+    x_adv = attack(victim, x, y)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert accuracy(victim, x_adv, y) < accuracy(victim, x, y) - 0.3
+
+
+def test_restarts_never_do_worse_than_one_run(victim, held_out):
+    x, y = held_out
+    weak = GradientAttack("linf", 2 / 255, steps=3)
+    one = accuracy(victim, weak(victim, x, y, seeded_generator("cpu", 2)), y)
+    three = accuracy(victim, GradientAttack("linf", 2 / 255, steps=3, restarts=3)(victim, x, y, seeded_generator("cpu", 2)), y)
+    assert three <= one
+
+
+def test_same_seed_same_examples_other_seed_other_examples(victim, held_out):
+    x, y = held_out[0][:50], held_out[1][:50]
+    attack = pgd(EPS, steps=2)
+    first = attack(victim, x, y, seeded_generator("cpu", 7, 3))
+    assert torch.equal(first, attack(victim, x, y, seeded_generator("cpu", 7, 3)))
+    assert not torch.equal(first, attack(victim, x, y, seeded_generator("cpu", 7, 4)))
+
+
+class NoisyModel(nn.Module):
+    """A randomized 'defense': Gaussian noise before the classifier, drawn from its own generator."""
+
+    def __init__(self, classifier: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.classifier, self.generator = classifier, torch.Generator().manual_seed(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(x + 0.1 * torch.randn(x.shape, generator=self.generator))
+
+
+def test_eot_averages_gradients_over_draws(victim, held_out):
+    x, y = held_out[0][:20], held_out[1][:20]
+    single = input_gradient(NoisyModel(victim, 0), x, y, eot=1)
+    averaged = input_gradient(NoisyModel(victim, 0), x, y, eot=16)
+    again = input_gradient(NoisyModel(victim, 1), x, y, eot=16)
+    # Averages over 16 draws agree with each other far better than single draws do.
+    assert (averaged - again).norm() < 0.6 * (single - averaged).norm()
+    # For a deterministic model EOT is the plain gradient.
+    assert torch.allclose(input_gradient(victim, x, y, eot=4), input_gradient(victim, x, y), atol=1e-6)
+
+
+def test_bf16_autocast_attacks_as_well_as_fp32(victim, held_out):
+    x, y = held_out
+    attack = pgd(4 / 255, steps=5)
+    fp32 = accuracy(victim, attack(victim, x, y, seeded_generator("cpu", 3)), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_bf16 = attack(victim, x, y, seeded_generator("cpu", 3))
+    assert x_bf16.dtype == torch.float32
+    assert accuracy(victim, x_bf16, y) <= fp32 + 0.02
+
+
+def test_attacks_leave_parameter_gradients_alone(held_out):
+    trainable = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10))
+    x, y = held_out[0][:8], held_out[1][:8]
+    trainable(x)  # materialize the lazy layer
+    pgd(EPS, steps=2)(trainable, x, y, seeded_generator("cpu", 0))
+    assert all(p.grad is None for p in trainable.parameters())
