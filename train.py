@@ -1,6 +1,6 @@
 """Train any model of this project (victim classifiers, restorers) with Lightning.
 
-    python train.py fit --config configs/victim_shapes.yaml                  # CPU, ~1 minute
+    python train.py fit --config configs/victim_shapes.yaml                  # CPU, ~40 s
     python train.py fit --config configs/victim_cifar10.yaml --trainer.precision bf16-mixed
     python train.py fit --config configs/victim_cifar10.yaml --trainer.devices 8 --trainer.strategy ddp
     python train.py fit --config configs/victim_cifar10.yaml --ckpt_path last     # resume the run

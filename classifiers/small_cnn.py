@@ -1,5 +1,5 @@
 """A small VGG-style CNN: the victim of the quick start and the tests (73k parameters at the
-default widths; learns the embedded shapes to >= 99% in about a minute on 2 CPU cores)."""
+default widths; learns the embedded shapes to 99.5% in 40 s on 2 CPU cores: docs/RESULTS.md)."""
 from __future__ import annotations
 
 from torch import Tensor, nn
