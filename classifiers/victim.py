@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from classifiers.factory import build_classifier
 from classifiers.frozen import NormalizedClassifier
-from engine.export import load_weights_only, make_export
+from engine.export import check_export, load_weights_only, make_export
 
 # Hyperparameters that rebuild the classifier; the export file keeps exactly these.
 CLASSIFIER_SPEC_KEYS = ("arch", "num_classes", "in_chans", "arch_kwargs", "mean", "std")
@@ -120,8 +120,8 @@ class VictimModule(pl.LightningModule):
 def _state_dict_from(path: str) -> dict[str, Tensor]:
     """A network state dict from a plain state-dict file or from one of our export files."""
     loaded = load_weights_only(path, "weights file")
-    if isinstance(loaded, dict) and "state_dict" in loaded and "format" in loaded:
-        return loaded["state_dict"]
+    if isinstance(loaded, dict) and "format" in loaded:
+        return check_export(loaded, path, kind="classifier")["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise ValueError(f"'{path}' is neither a state dict (name -> tensor) nor an export file")
     return loaded

@@ -83,7 +83,11 @@ def make_export(kind: str, model: dict[str, Any], state_dict: dict[str, torch.Te
 
 def read_export(path: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
     """Load and check an export file; `kind` (e.g. "classifier") is enforced when given."""
-    payload = load_weights_only(path, "export file")
+    return check_export(load_weights_only(path, "export file"), path, kind)
+
+
+def check_export(payload: Any, path: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
+    """`payload` (loaded from `path`) if it is an export of this version and kind, else NotAnExportError."""
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise NotAnExportError(
             f"'{path}' is not an export of this project (no format '{EXPORT_FORMAT}'); "

@@ -122,3 +122,11 @@ def test_victim_starts_from_a_weights_file_strictly(tmp_path: Path):
     assert torch.equal(clone.eval()(x), source.eval()(x))
     with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
         VictimModule(arch="small_cnn", arch_kwargs={"widths": [8, 16, 32]}, weights=str(weights))
+
+
+def test_a_weights_file_that_is_an_export_of_another_kind_is_refused(tmp_path: Path):
+    restorer = atomic_save(make_export("restorer", {}, {}, {}), tmp_path / "restorer.pt")
+    with pytest.raises(NotAnExportError, match="not a classifier"):
+        VictimModule(arch="small_cnn", weights=str(restorer))
+    exported = atomic_save(VictimModule(arch="small_cnn").to_export({}), tmp_path / "victim.pt")
+    assert VictimModule(arch="small_cnn", weights=str(exported)) is not None
