@@ -7,7 +7,8 @@ or a defense followed by one. Batched; the device is the input's. Gradients are 
 `torch.autograd.grad` with respect to the input only: no parameter gradients are accumulated
 and no DDP reducer hook fires, so attacks are safe inside training steps. The loss is summed
 and computed in fp32 even under autocast: mean-reduced losses in low precision underflow
-input gradients and weaken attacks. All randomness comes from an explicit torch.Generator.
+input gradients and weaken attacks. All randomness comes from an explicit torch.Generator
+(engine.seeding.seeded_generator makes one from (seed, step, rank)).
 """
 from __future__ import annotations
 
@@ -20,14 +21,6 @@ from torch import Tensor
 
 Model = Callable[[Tensor], Tensor]
 Norm = Literal["linf", "l2"]
-
-
-def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
-    """A generator on `device` seeded from integer keys, e.g. (seed, global_step, rank)."""
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def input_gradient(model: Model, x: Tensor, y: Tensor, eot: int = 1) -> Tensor:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from engine.seeding import seeded_generator
+
 Split = Literal["train", "test"]
 
 
@@ -210,7 +212,7 @@ class TensorImageDataModule(pl.LightningDataModule):
         epoch = self._epoch()
         if self._augmentation is None or self._augmentation[:2] != (epoch, device):
             n = len(self.splits["train"].labels)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = seeded_generator("cpu", self.seed, epoch)
             offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
             flips = (torch.rand(n, generator=g) < 0.5) & self.flip
             self._augmentation = (epoch, device, offsets.to(device), flips.to(device))
