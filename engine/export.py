@@ -18,7 +18,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -31,14 +31,14 @@ class NotAnExportError(ValueError):
     """A file handed to us is not an export of this project (or not one of the kind expected)."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to `path` through a temporary file in the same folder and an atomic rename."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call write(stream) on a temporary file in `path`'s folder, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -46,6 +46,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to `path` through a temporary file in the same folder and an atomic rename."""
+    return _atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` atomically (results files, images)."""
+    return _atomic_write(path, lambda stream: stream.write(data))
 
 
 def load_weights_only(path: str | os.PathLike, what: str) -> Any:

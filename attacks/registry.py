@@ -1,0 +1,162 @@
+"""Attacks by name, ours and the libraries', behind one call: attack(model, x, y, generator) -> x_adv.
+
+Names are a family and an optional step (or query) count: `fgsm`, `bim10`, `pgd20`, `mifgsm10`,
+`apgd-ce` (100 steps), `apgd-dlr50`, `autoattack`, `square5000`, `cw100`, `deepfool50`.
+
+- fgsm, bim, pgd, mifgsm: ours (attacks/gradient.py), with EOT.
+- apgd-ce, apgd-dlr, autoattack, square: pyautoattack 0.2.0, the upstream AutoAttack code that
+  RobustBench pins (100 APGD steps; `autoattack` is the `standard` version, or `rand`, APGD-CE +
+  APGD-DLR with EOT 20, when the evaluated model is randomized).
+- cw (C&W-L2) and deepfool: foolbox 3.3.4. Both are minimum-norm attacks; the perturbation is
+  clipped to the budget, so the accuracy is at that budget like every other row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from attacks.gradient import GradientAttack, Norm, bim, fgsm, mi_fgsm
+
+AttackFn = Callable[[nn.Module, Tensor, Tensor, Optional[torch.Generator]], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSettings:
+    """What a row of results records about an attack. eot: gradient draws per step (1 = none)."""
+
+    norm: Norm
+    eps: float
+    steps: int
+    eot: int = 1
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackRecipe:
+    """How to build one attack family. uses_gradients: False for query (black-box) attacks."""
+
+    build: Callable[[AttackSettings], AttackFn]
+    default_steps: int
+    norms: tuple[Norm, ...]
+    uses_gradients: bool = True
+    supports_eot: bool = True
+    fixed_steps: bool = False
+
+
+def _ours(make: Callable[[AttackSettings], GradientAttack]) -> Callable[[AttackSettings], AttackFn]:
+    def build(settings: AttackSettings) -> AttackFn:
+        attack = dataclasses.replace(make(settings), eot=settings.eot)
+        return lambda model, x, y, generator: attack(model, x, y, generator)
+
+    return build
+
+
+def _autoattack_norm(norm: Norm) -> str:
+    return {"linf": "Linf", "l2": "L2"}[norm]
+
+
+def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
+    def build(settings: AttackSettings) -> AttackFn:
+        from pyautoattack.autopgd_base import APGDAttack
+
+        def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+            attack = APGDAttack(
+                model, n_iter=settings.steps, norm=_autoattack_norm(settings.norm), eps=settings.eps, seed=settings.seed,
+                loss=loss, eot_iter=settings.eot, device=x.device,
+            )
+            return attack.perturb(x, y)
+
+        return run
+
+    return build
+
+
+def _autoattack(settings: AttackSettings) -> AttackFn:
+    from pyautoattack import AutoAttack
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        version = "rand" if settings.eot > 1 else "standard"
+        attack = AutoAttack(
+            model, eps=settings.eps, norm=_autoattack_norm(settings.norm), seed=settings.seed, version=version,
+            device=x.device,
+        )
+        if version == "rand":
+            attack.apgd.eot_iter = settings.eot
+        x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=len(x))
+        return x_adv
+
+    return run
+
+
+def _square(settings: AttackSettings) -> AttackFn:
+    from pyautoattack.square import SquareAttack
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        attack = SquareAttack(
+            model, norm=_autoattack_norm(settings.norm), n_queries=settings.steps, eps=settings.eps, p_init=0.8,
+            seed=settings.seed, device=x.device, resc_schedule=False,
+        )
+        return attack.perturb(x, y)
+
+    return run
+
+
+def _foolbox(make: Callable[[AttackSettings], object]) -> Callable[[AttackSettings], AttackFn]:
+    def build(settings: AttackSettings) -> AttackFn:
+        import foolbox
+
+        def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+            wrapped = foolbox.PyTorchModel(model.eval(), bounds=(0, 1), device=x.device)
+            _, clipped, _ = make(settings)(wrapped, x, y, epsilons=settings.eps)
+            return clipped
+
+        return run
+
+    return build
+
+
+def _carlini_wagner(settings: AttackSettings) -> object:
+    import foolbox
+
+    return foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=5, steps=settings.steps, stepsize=0.01)
+
+
+def _deepfool(settings: AttackSettings) -> object:
+    import foolbox
+
+    family = foolbox.attacks.LinfDeepFoolAttack if settings.norm == "linf" else foolbox.attacks.L2DeepFoolAttack
+    return family(steps=settings.steps)
+
+
+RECIPES: dict[str, AttackRecipe] = {
+    "fgsm": AttackRecipe(_ours(lambda s: fgsm(s.eps)), 1, ("linf",), fixed_steps=True),
+    "bim": AttackRecipe(_ours(lambda s: bim(s.eps, s.steps)), 10, ("linf",)),
+    "pgd": AttackRecipe(_ours(lambda s: GradientAttack(s.norm, s.eps, s.steps)), 20, ("linf", "l2")),
+    "mifgsm": AttackRecipe(_ours(lambda s: mi_fgsm(s.eps, s.steps)), 10, ("linf",)),
+    "apgd-ce": AttackRecipe(_apgd("ce"), 100, ("linf", "l2")),
+    "apgd-dlr": AttackRecipe(_apgd("dlr"), 100, ("linf", "l2")),
+    "autoattack": AttackRecipe(_autoattack, 100, ("linf", "l2"), fixed_steps=True),
+    "square": AttackRecipe(_square, 5000, ("linf", "l2"), uses_gradients=False, supports_eot=False),
+    "cw": AttackRecipe(_foolbox(_carlini_wagner), 100, ("l2",), supports_eot=False),
+    "deepfool": AttackRecipe(_foolbox(_deepfool), 50, ("linf", "l2"), supports_eot=False),
+}
+
+_NAME = re.compile(r"^(?P<family>[a-z][a-z-]*?)(?P<steps>\d*)$")
+
+
+def parse_attack(name: str) -> tuple[str, AttackRecipe, int]:
+    """'pgd20' -> ("pgd", its recipe, 20); the family's default count when no number is given."""
+    match = _NAME.match(name.strip().lower())
+    if not match or match["family"] not in RECIPES:
+        raise ValueError(f"unknown attack {name!r}; families: {sorted(RECIPES)}, optionally followed by a step count")
+    recipe = RECIPES[match["family"]]
+    if match["steps"] and recipe.fixed_steps:
+        raise ValueError(f"attack {match['family']!r} has a fixed number of steps; write {match['family']!r}")
+    steps = int(match["steps"]) if match["steps"] else recipe.default_steps
+    if steps < 1:
+        raise ValueError(f"attack {name!r} needs at least one step")
+    return match["family"], recipe, steps

@@ -1,0 +1,90 @@
+"""Build a defense by name, from a spec string, or from an exported restorer file.
+
+    jpeg:quality=75        median:kernel=3        wavelet:sigma=0.04,wavelet=db2
+    checkpoints/sr_cifar10.pt                     (an export whose kind is in EXPORTED_DEFENSES)
+
+Values are Python literals (`None`, numbers, `True`); anything else is taken as a string.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from defenses.base import Defense
+from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
+from defenses.wavelet import WaveletDenoise
+from engine.export import NotAnExportError, read_export
+
+DEFENSES: dict[str, type[Defense]] = {
+    "identity": Identity,
+    "jpeg": Jpeg,
+    "bit_depth": BitDepth,
+    "median": MedianFilter,
+    "bicubic": BicubicDownUp,
+    "wavelet": WaveletDenoise,
+    "random_resize_pad": RandomResizePad,
+}
+
+# Export kind -> builder(export dict, frozen classifier) for trained restorers; each restorer
+# module adds its kind here when it is imported by `defenses/__init__.py`.
+EXPORTED_DEFENSES: dict[str, Callable[[dict[str, Any], Optional[nn.Module]], Defense]] = {}
+
+EXPORT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_spec(text: str) -> dict[str, Any]:
+    """'jpeg:quality=75' -> {"name": "jpeg", "quality": 75}."""
+    name, _, arguments = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (part.strip() for part in arguments.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"defense argument {item!r} in {text!r} is not key=value")
+        spec[key.strip()] = _literal(value.strip())
+    return spec
+
+
+def build_defense(spec: dict[str, Any], classifier: Optional[nn.Module] = None) -> Defense:
+    """A defense from {"name": ..., **arguments}; `classifier` goes to defenses that need it."""
+    arguments = {key: value for key, value in spec.items() if key != "name"}
+    if spec["name"] not in DEFENSES:
+        raise ValueError(f"unknown defense {spec['name']!r}; known: {sorted(DEFENSES)} or an exported restorer file")
+    cls = DEFENSES[spec["name"]]
+    accepted = set(inspect.signature(cls).parameters) - {"classifier"}
+    unknown = set(arguments) - accepted
+    if unknown:
+        raise ValueError(f"defense {spec['name']!r} takes {sorted(accepted)}, not {sorted(unknown)}")
+    if cls.needs_classifier:
+        if classifier is None:
+            raise ValueError(f"defense {spec['name']!r} needs the classifier")
+        arguments["classifier"] = classifier
+    return cls(**arguments)
+
+
+def load_exported_defense(path: str | Path, classifier: Optional[nn.Module] = None) -> Defense:
+    """A trained restorer's defense from its export file (weights-only loading)."""
+    export = read_export(path)
+    kind = export["kind"]
+    if kind == "classifier":
+        raise NotAnExportError(f"'{path}' exports a classifier, not a defense; pass it as --classifier")
+    if kind not in EXPORTED_DEFENSES:
+        raise NotAnExportError(f"'{path}' exports a {kind!r}; defenses can be loaded from {sorted(EXPORTED_DEFENSES)}")
+    return EXPORTED_DEFENSES[kind](export, classifier)
+
+
+def make_defense(text: str, classifier: Optional[nn.Module] = None) -> Defense:
+    """A defense from a spec string or an export file path (see module docstring)."""
+    if text.endswith(EXPORT_SUFFIXES) or Path(text).is_file():
+        return load_exported_defense(text, classifier)
+    return build_defense(parse_spec(text), classifier)

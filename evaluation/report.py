@@ -1,0 +1,227 @@
+"""Summaries and files of an evaluation: worst case per threat model, sanity warnings, and
+results.json / results.csv / results.md / eps_accuracy.png / examples.png.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from engine.export import atomic_write_bytes
+from evaluation.runner import Row
+
+RESULTS_FORMAT = "restoration-defense-results"
+ITERATIVE = ("bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "autoattack")
+ADAPTIVE = ("white-box", "bpda")
+NON_ADAPTIVE = ("gray-box", "transfer", "black-box")
+NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+
+
+def parse_eps(text: str) -> tuple[float, str]:
+    """'8/255' -> (0.03137..., '8/255'); '0.5' -> (0.5, '0.5')."""
+    value = float(Fraction(text.strip()))
+    if value < 0:
+        raise ValueError(f"epsilon must be >= 0, got {text!r}")
+    return value, text.strip()
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _family(attack: str) -> str:
+    return attack.rstrip("0123456789")
+
+
+def worst_case(rows: list[Row], dataset: str, architecture: str) -> list[dict[str, Any]]:
+    """Per defense, threat, norm and epsilon: the pointwise worst case over attacks (an image counts
+    as robust only if it withstands every attack; auto-attack #45), in RobustBench's result shape."""
+    clean = {row.defense: row.accuracy for row in rows if row.attack == "clean"}
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.attack != "clean":
+            groups[(row.defense, row.threat, row.norm, row.eps_label)].append(row)
+    summaries = []
+    for (defense, threat, norm, eps_label), members in groups.items():
+        robust = torch.stack([row.correct for row in members]).amin(0).mean().item()
+        autoattack = [row.accuracy for row in members if row.attack == "autoattack"]
+        summaries.append({
+            "name": defense, "dataset": dataset, "architecture": architecture, "threat": threat,
+            "threat_model": NORM_NAMES[norm], "eps": eps_label, "n": members[0].n,
+            "clean_acc": _percent(clean.get(defense, float("nan"))), "robust_acc": _percent(robust),
+            "autoattack_acc": _percent(autoattack[0]) if autoattack else None,
+            "attacks": [row.attack for row in members],
+        })
+    return summaries
+
+
+def _tolerance(*rows: Row) -> float:
+    """One image, or two standard deviations of a randomized defense's accuracy, whichever is larger."""
+    return max([1 / rows[0].n] + [2 * row.accuracy_std for row in rows])
+
+
+def _one_step_warnings(rows: list[Row]) -> Iterable[str]:
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.defense, row.threat, row.norm, row.eps_label)].append(row)
+    for (defense, threat, _, eps), members in groups.items():
+        iterative = [row for row in members if _family(row.attack) in ITERATIVE]
+        for one_step in (row for row in members if row.attack == "fgsm"):
+            if iterative and one_step.accuracy < min(row.accuracy for row in iterative) - _tolerance(one_step, *iterative):
+                yield f"{defense} / {threat} / eps {eps}: FGSM ({_percent(one_step.accuracy)}%) beats the iterative attacks: gradients may be masked"
+
+
+def _threat_warnings(rows: list[Row]) -> Iterable[str]:
+    adaptive: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.threat in ADAPTIVE:
+            adaptive[(row.defense, row.norm, row.eps_label)].append(row)
+    for row in rows:
+        best = adaptive.get((row.defense, row.norm, row.eps_label))
+        if row.threat in NON_ADAPTIVE and best and row.accuracy < min(r.accuracy for r in best) - _tolerance(row, *best):
+            yield (
+                f"{row.defense} / eps {row.eps_label}: {row.threat} {row.attack} ({_percent(row.accuracy)}%) beats every "
+                f"white-box/BPDA attack ({_percent(min(r.accuracy for r in best))}%): the adaptive attacks are too weak"
+            )
+
+
+def _epsilon_warnings(rows: list[Row]) -> Iterable[str]:
+    series: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.attack != "clean":
+            series[(row.defense, row.threat, row.attack, row.norm)].append(row)
+    for (defense, threat, attack, _), members in series.items():
+        members.sort(key=lambda row: row.eps)
+        for smaller, larger in zip(members, members[1:]):
+            if larger.accuracy > smaller.accuracy + _tolerance(smaller, larger):
+                yield (
+                    f"{defense} / {threat} / {attack}: accuracy rises from {_percent(smaller.accuracy)}% at eps "
+                    f"{smaller.eps_label} to {_percent(larger.accuracy)}% at {larger.eps_label}: gradients may be masked"
+                )
+
+
+def sanity_warnings(rows: list[Row], large_eps_rows: list[Row], zero_gradients: dict[str, float]) -> list[str]:
+    """The checks of Athalye et al. (2018) and Carlini et al. (2019) that flag a broken evaluation."""
+    warnings = [*_one_step_warnings(rows), *_threat_warnings(rows), *_epsilon_warnings(rows)]
+    for row in large_eps_rows:
+        limit = 0.05 if row.threat == "none" else 0.10
+        if row.accuracy > limit:
+            warnings.append(
+                f"{row.defense} / {row.threat}: {_percent(row.accuracy)}% accuracy left at eps {row.eps_label} "
+                f"(expected ~0): the attack does not work or gradients are masked"
+            )
+    for where, share in zero_gradients.items():
+        if share > 0.1:
+            warnings.append(f"{where}: {_percent(share)}% of images have an all-zero input gradient: use bpda")
+    return warnings
+
+
+def _csv_text(records: list[dict[str, Any]]) -> str:
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    return stream.getvalue()
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# {meta['classifier']} on {meta['data']} (n={meta['n']}, index hash {meta['index_hash']}, seed {meta['seed']})",
+        "",
+        f"Commit {meta['commit']}, {meta['device']}, {meta['date']}. Accuracy in %; EOT = gradient draws per step.",
+        "",
+        "| defense | threat | attack | norm | eps | steps | EOT | n | accuracy | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        spread = f" ± {_percent(row['accuracy_std'])}" if row["draws"] > 1 else ""
+        lines.append(
+            f"| {row['defense']} | {row['threat']} | {row['attack']} | {row['norm']} | {row['eps_label']} | {row['steps']} "
+            f"| {row['eot']} | {row['n']} | {_percent(row['accuracy'])}{spread} | {row['seconds']:.1f} |"
+        )
+    lines += ["", "Worst case over attacks (per image):", "", "| defense | threat | norm | eps | clean | robust | attacks |", "|---|---|---|---|---|---|---|"]
+    for case in results["worst_case"]:
+        lines.append(
+            f"| {case['name']} | {case['threat']} | {case['threat_model']} | {case['eps']} | {case['clean_acc']} "
+            f"| {case['robust_acc']} | {', '.join(case['attacks'])} |"
+        )
+    if "examples" in results:
+        shown = results["examples"]
+        lines += ["", f"examples.png (rows: clean / adversarial / restored / difference scaled to +-eps): {shown['defense']} / "
+                  f"{shown['threat']} / {shown['attack']} at eps {shown['eps_label']}."]
+    lines += ["", "Sanity checks:", ""] + [f"- WARNING: {warning}" for warning in results["warnings"]]
+    if not results["warnings"]:
+        lines.append("- no warnings")
+    lines += [f"- skipped {s['attack']} / {s['threat']} / {s['defense']}: {s['reason']}" for s in results["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _eps_plot(rows: list[Row]) -> bytes:
+    """One panel per threat model: accuracy against epsilon per defense and attack, from the clean
+    accuracy at epsilon 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    clean = {row.defense: row.accuracy for row in rows if row.attack == "clean"}
+    panels: dict[str, dict[tuple, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.attack != "clean":
+            panels[row.threat][(row.defense, row.attack, row.norm)].append(row)
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=True, squeeze=False)
+    for axis, (threat, series) in zip(axes[0], panels.items()):
+        for (defense, attack, norm), members in series.items():
+            members.sort(key=lambda row: row.eps)
+            scale = 255 if norm == "linf" else 1
+            xs = [0.0] + [row.eps * scale for row in members]
+            ys = [100 * clean[defense]] + [100 * row.accuracy for row in members]
+            axis.plot(xs, ys, marker="o", markersize=3, label=f"{defense} / {attack}")
+        axis.set_title(threat)
+        axis.set_xlabel("epsilon" + (" x 255 (Linf)" if norm == "linf" else " (L2)"))
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    axes[0][0].set_ylabel("accuracy (%)")
+    stream = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(stream, format="png", dpi=110)
+    pyplot.close(figure)
+    return stream.getvalue()
+
+
+def example_grid(clean: Tensor, adversarial: Tensor, restored: Tensor, eps: float) -> bytes:
+    """PNG of four rows: clean / adversarial / restored / difference amplified to fill [0,1].
+    All (K,C,H,W) in [0,1]; the difference maps [-eps, eps] to [0, 1]. Small images are enlarged
+    (nearest neighbour) to about 128 px so that the pixels can be seen."""
+    from PIL import Image
+
+    difference = ((adversarial - clean) / (2 * max(eps, 1e-12)) + 0.5).clamp(0, 1)
+    tiles = torch.cat([clean, adversarial, restored, difference])
+    tiles = torch.nn.functional.interpolate(tiles, scale_factor=max(1, 128 // tiles.shape[-1]), mode="nearest")
+    grid = make_grid(tiles, nrow=len(clean), padding=4, pad_value=1.0)
+    stream = io.BytesIO()
+    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(stream, format="png")
+    return stream.getvalue()
+
+
+def write_results(out: Path, results: dict[str, Any], rows: list[Row], grid_png: bytes | None) -> list[Path]:
+    """Write every results file of one evaluation into `out` (atomically, one by one)."""
+    written = [
+        atomic_write_bytes(json.dumps(results, indent=1).encode(), out / "results.json"),
+        atomic_write_bytes(_csv_text(results["rows"]).encode(), out / "results.csv"),
+        atomic_write_bytes(_markdown(results).encode(), out / "results.md"),
+        atomic_write_bytes(_eps_plot(rows), out / "eps_accuracy.png"),
+    ]
+    if grid_png is not None:
+        written.append(atomic_write_bytes(grid_png, out / "examples.png"))
+    return written

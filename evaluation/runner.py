@@ -1,0 +1,195 @@
+"""Run attacks under threat models on a fixed image subset and score them, one row at a time.
+
+Every row is a function of (seed, row identity, batch index): the attack's generator, a
+randomized defense's draws and the library attacks' seeds are all derived from them, so the
+same command gives the same numbers, whatever other rows it also runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from attacks.gradient import input_gradient
+from attacks.registry import AttackSettings, parse_attack
+from defenses.base import Defense, describe
+from engine.seeding import seeded_generator
+from evaluation.threats import ThreatModel, attacked_model, scored_model, skip_reason
+
+EXAMPLES = 8  # adversarial images kept per row for the example grid
+
+
+@dataclasses.dataclass
+class Row:
+    """One defense x threat x attack x epsilon measurement. accuracy: mean over images (and over
+    `draws` evaluations of a randomized defense, whose spread is accuracy_std)."""
+
+    defense: str
+    threat: str
+    attack: str
+    norm: str
+    eps: float
+    eps_label: str
+    steps: int
+    restarts: int
+    eot: int
+    n: int
+    accuracy: float
+    accuracy_std: float
+    draws: int
+    seconds: float
+    img_per_s: float
+    seed: int
+    correct: Tensor = dataclasses.field(repr=False)  # (n,) per-image share of correct draws
+    examples: Tensor = dataclasses.field(repr=False)  # (<=EXAMPLES,C,H,W) adversarial images
+
+    def record(self) -> dict:
+        """The row as plain JSON values (without the per-image tensors)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in ("correct", "examples")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    defense: str
+    threat: str
+    attack: str
+    reason: str
+
+
+class AutocastLogits(nn.Module):
+    """Runs `model` under autocast to `dtype` on the input's device and returns fp32 logits, so
+    that attack losses and their input gradients stay in fp32 (field notes: fp16 underflows)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def _key(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+class Evaluator:
+    """Scores defenses in front of `classifier` on images (N,C,H,W) in [0,1] with labels (N,).
+
+    eval_draws: evaluations averaged per image for a randomized defense; eot: gradient draws per
+    attack step when the attacker's model contains a randomized defense; source: the transfer
+    classifier; progress: a tqdm bar advanced once per batch.
+    """
+
+    def __init__(
+        self, classifier: nn.Module, images: Tensor, labels: Tensor, *, seed: int, batch_size: int,
+        eval_draws: int, eot: int, source: Optional[nn.Module] = None, progress: Optional[object] = None,
+    ) -> None:
+        self.classifier, self.images, self.labels, self.source = classifier, images, labels, source
+        self.seed, self.batch_size, self.eval_draws, self.eot, self.progress = seed, batch_size, eval_draws, eot, progress
+        self._shared: Optional[tuple[tuple, list[Tensor], float]] = None
+
+    @property
+    def batches_per_row(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def _batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        for index, start in enumerate(range(0, len(self.labels), self.batch_size)):
+            yield index, self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+
+    def _score(self, model: nn.Module, defense: Optional[Defense], x: Tensor, y: Tensor, keys: tuple[int, ...]) -> Tensor:
+        """(draws, batch) float correctness of `model` on x."""
+        draws = self.eval_draws if defense is not None and defense.randomized else 1
+        scores = []
+        with torch.no_grad():
+            for draw in range(draws):
+                if defense is not None:
+                    defense.reseed(*keys, draw + 1)
+                scores.append((model(x).argmax(1) == y).float())
+        return torch.stack(scores)
+
+    def _adversarials(self, key: tuple, shareable: bool, run: Callable) -> tuple[list[Tensor], float]:
+        """Per batch run(x, y, generator, keys) -> x_adv, and the seconds it took. An attack that never
+        sees the defense (gray-box, transfer, none) is shareable: its last result is reused for the
+        next defense instead of being recomputed."""
+        if shareable and self._shared is not None and self._shared[0] == key:
+            if self.progress is not None:
+                self.progress.update(self.batches_per_row)
+            return self._shared[1], self._shared[2]
+        started, adversarials, row_key = time.perf_counter(), [], _key(*key)
+        for index, x, y in self._batches():
+            keys = (self.seed, row_key, index)
+            adversarials.append(run(x, y, seeded_generator(x.device, *keys), keys))
+            if self.progress is not None:
+                self.progress.update(1)
+        seconds = time.perf_counter() - started
+        self._shared = (key, adversarials, seconds) if shareable else None
+        return adversarials, seconds
+
+    def _row(self, scorer: nn.Module, defense: Optional[Defense], threat: str, attack: str, settings: AttackSettings,
+             eps_label: str, adversarials: list[Tensor], attack_seconds: float) -> Row:
+        """Score the adversarial batches; seconds = the attack's time plus the scoring's."""
+        started, label = time.perf_counter(), describe(defense.spec()) if defense else "none"
+        row_key = _key("score", label, threat, attack, settings.norm, settings.eps)
+        scores = [
+            self._score(scorer, defense, x_adv, y, (self.seed, row_key, index))
+            for (index, _, y), x_adv in zip(self._batches(), adversarials)
+        ]
+        seconds = attack_seconds + time.perf_counter() - started
+        per_draw = torch.cat(scores, dim=1)  # (draws, n)
+        accuracy_per_draw = per_draw.mean(1)
+        return Row(
+            defense=label, threat=threat, attack=attack, norm=settings.norm, eps=settings.eps, eps_label=eps_label,
+            steps=settings.steps, restarts=1, eot=settings.eot, n=per_draw.shape[1], accuracy=accuracy_per_draw.mean().item(),
+            accuracy_std=accuracy_per_draw.std().item() if len(accuracy_per_draw) > 1 else 0.0,
+            draws=len(accuracy_per_draw), seconds=round(seconds, 3), img_per_s=round(per_draw.shape[1] / seconds, 1),
+            seed=self.seed, correct=per_draw.mean(0).cpu(), examples=adversarials[0][:EXAMPLES].cpu(),
+        )
+
+    def clean(self, defense: Optional[Defense]) -> Row:
+        """Accuracy on unperturbed images: the classifier alone (defense None) or behind the defense."""
+        scorer = self.classifier if defense is None else scored_model(_DEFENDED, self.classifier, defense)
+        threat = "none" if defense is None else "clean"
+        images = [x for _, x, _ in self._batches()]
+        return self._row(scorer, defense, threat, "clean", AttackSettings("linf", 0.0, 0), "0", images, 0.0)
+
+    def attack(self, defense: Defense, threat: ThreatModel, attack: str, norm: str, eps: float, eps_label: str) -> Row | Skipped:
+        """One row: `attack` (a registry name) at `eps` in `norm` under `threat`."""
+        family, recipe, steps = parse_attack(attack)
+        label = describe(defense.spec()) if threat.defended else "none"
+        reason = skip_reason(threat, recipe, defense, self.source is not None)
+        if reason is None and norm not in recipe.norms:
+            reason = f"{family} is defined for {'/'.join(recipe.norms)} only"
+        if reason is not None:
+            if self.progress is not None:
+                self.progress.update(self.batches_per_row)
+            return Skipped(label, threat.name, attack, reason)
+        eot = self.eot if defense.randomized and threat.through_defense and recipe.supports_eot else 1
+        attacker = attacked_model(threat, self.classifier, defense, self.source)
+
+        def run(x: Tensor, y: Tensor, generator: torch.Generator, keys: tuple[int, ...]) -> Tensor:
+            defense.reseed(*keys, 0)
+            settings = AttackSettings(norm, eps, steps, eot, seed=_key(*keys) % 2**31)
+            return recipe.build(settings)(attacker, x, y, generator).detach()
+
+        shareable = not threat.through_defense
+        attack_key = ("shared" if shareable else label, threat.name, attack, norm, eps)
+        adversarials, seconds = self._adversarials(attack_key, shareable, run)
+        scorer, scored_defense = scored_model(threat, self.classifier, defense), defense if threat.defended else None
+        settings = AttackSettings(norm, eps, steps, eot)
+        return self._row(scorer, scored_defense, threat.name, attack, settings, eps_label, adversarials, seconds)
+
+    def zero_gradient_share(self, defense: Defense, threat: ThreatModel, limit: int = 64) -> float:
+        """Share of images (of the first `limit`) whose input gradient through the attacker's model is exactly 0."""
+        model = attacked_model(threat, self.classifier, defense, self.source)
+        defense.reseed(self.seed, _key("gradient-check"))
+        gradient = input_gradient(model, self.images[:limit], self.labels[:limit])
+        return (gradient.flatten(1).abs().amax(1) == 0).float().mean().item()
+
+
+# The clean row of a defense is scored like every defended threat model.
+_DEFENDED = ThreatModel("clean", "no attack; score classifier+defense", "classifier")

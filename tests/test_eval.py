@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluator_cli
+from attacks import AttackSettings, parse_attack, seeded_generator
+from classifiers import load_classifier
+from datamodules import render_shapes
+from engine.export import NotAnExportError
+from evaluation.report import sanity_warnings, worst_case
+from evaluation.runner import Row
+from evaluation.subset import balanced_indices, index_hash, index_record, read_index_record
+
+ROW_FIELDS = {
+    "defense", "threat", "attack", "norm", "eps", "eps_label", "steps", "restarts", "eot", "n", "accuracy", "accuracy_std",
+    "draws", "seconds", "img_per_s", "seed",
+}
+ROBUSTBENCH_FIELDS = {"name", "dataset", "architecture", "threat_model", "eps", "clean_acc", "robust_acc", "autoattack_acc"}
+
+
+def evaluate(victim: Path, out: Path, *extra: str) -> dict:
+    return evaluator_cli.main(["--classifier", str(victim), "--data", "shapes", "--out", str(out), "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def baseline_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("eval") / "baselines"
+    results = evaluate(
+        shapes_victim, out, "--defense", "bit_depth:bits=4", "random_resize_pad:max_pad=4", "--attacks", "fgsm,pgd10",
+        "--threats", "none,gray-box,white-box,bpda", "--eps", "4/255,8/255", "--n", "100", "--eot", "2", "--eval-draws", "2",
+    )
+    return out, results
+
+
+def test_results_files_have_the_documented_fields(baseline_run):
+    out, results = baseline_run
+    for name in ("results.json", "results.csv", "results.md", "eps_accuracy.png", "examples.png", "indices.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text()) == results
+    assert all(set(row) == ROW_FIELDS for row in results["rows"])
+    assert {row["threat"] for row in results["rows"]} == {"none", "clean", "gray-box", "white-box", "bpda"}
+    with open(out / "results.csv") as stream:
+        assert len(list(csv.DictReader(stream))) == len(results["rows"])
+    assert all(ROBUSTBENCH_FIELDS <= set(case) for case in results["worst_case"])
+    assert {"command", "commit", "date", "device", "index_hash", "classifier_sha256"} <= set(results["meta"])
+    assert (out / "eps_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| defense | threat | attack |" in (out / "results.md").read_text()
+
+
+def test_the_evaluation_is_honest_about_each_threat_model(baseline_run):
+    _, results = baseline_run
+    rows = {(r["defense"], r["threat"], r["attack"], r["eps_label"]): r for r in results["rows"]}
+    assert rows[("none", "none", "pgd10", "8/255")]["accuracy"] < 0.05
+    # Bit depth has no exact gradient: white-box is skipped with the reason, BPDA breaks it.
+    assert any(s["threat"] == "white-box" and "bpda" in s["reason"] for s in results["skipped"])
+    assert rows[("bit_depth(bits=4)", "bpda", "pgd10", "8/255")]["accuracy"] < 0.05
+    # The randomized defense is attacked with EOT and scored over several draws.
+    randomized = rows[("random_resize_pad(max_pad=4)", "white-box", "pgd10", "8/255")]
+    assert randomized["eot"] == 2 and randomized["draws"] == 2
+    assert rows[("random_resize_pad(max_pad=4)", "gray-box", "pgd10", "8/255")]["eot"] == 1
+    assert all(row["accuracy"] < 0.05 for row in results["sanity"]["large_eps_rows"])
+
+
+def test_indices_are_class_balanced_and_hashed(baseline_run):
+    out, results = baseline_run
+    record = json.loads((out / "indices.json").read_text())
+    labels = render_shapes(2000, seed=1)[1][torch.tensor(record["indices"])]
+    assert torch.bincount(labels, minlength=10).tolist() == [10] * 10
+    assert record["hash"] == results["meta"]["index_hash"] == index_hash("shapes", torch.tensor(record["indices"]))
+
+
+def test_worst_case_is_pointwise_over_attacks(baseline_run):
+    _, results = baseline_run
+    by_key = {(r["defense"], r["threat"], r["attack"], r["eps_label"]): r["accuracy"] for r in results["rows"]}
+    for case in results["worst_case"]:
+        members = [by_key[(case["name"], case["threat"], attack, case["eps"])] for attack in case["attacks"]]
+        assert float(case["robust_acc"]) <= 100 * min(members) + 0.005  # two decimals in RobustBench files
+
+
+def test_same_seed_same_numbers(shapes_victim: Path, tmp_path: Path):
+    arguments = ["--defense", "random_resize_pad", "--attacks", "pgd5", "--threats", "gray-box,bpda", "--n", "40", "--eot", "2", "--eval-draws", "2"]
+    first = evaluate(shapes_victim, tmp_path / "a", *arguments)
+    second = evaluate(shapes_victim, tmp_path / "b", *arguments)
+    third = evaluate(shapes_victim, tmp_path / "c", *arguments, "--seed", "1")
+
+    def accuracies(results: dict) -> list[float]:
+        return [row["accuracy"] for row in results["rows"]]
+
+    assert accuracies(first) == accuracies(second)
+    assert first["meta"]["index_hash"] != third["meta"]["index_hash"]
+
+
+def test_refuses_to_overwrite_results(shapes_victim: Path, tmp_path: Path):
+    arguments = ["--attacks", "fgsm", "--threats", "none", "--n", "20"]
+    evaluate(shapes_victim, tmp_path / "run", *arguments)
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    with pytest.raises(SystemExit, match="already holds results.*--overwrite"):
+        evaluate(shapes_victim, tmp_path / "run", *arguments)
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    evaluate(shapes_victim, tmp_path / "run", *arguments, "--overwrite")
+
+
+class Payload:
+    """Stands for any object a pickle can smuggle in."""
+
+
+def test_foreign_pickles_are_refused(shapes_victim: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign.pt"
+    with open(foreign, "wb") as stream:
+        pickle.dump({"state_dict": Payload()}, stream)
+    with pytest.raises(NotAnExportError, match="weights-only loading rejects it"):
+        evaluate(foreign, tmp_path / "a", "--n", "20")
+    with pytest.raises(NotAnExportError, match="weights-only loading rejects it"):
+        evaluate(shapes_victim, tmp_path / "b", "--n", "20", "--defense", str(foreign))
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    with pytest.raises(NotAnExportError, match="not an export of this project"):
+        evaluate(plain, tmp_path / "c", "--n", "20")
+
+
+def test_stored_index_lists_are_checked(tmp_path: Path):
+    labels = torch.arange(10).repeat_interleave(30)  # sorted by class, like an ImageFolder tree
+    indices = balanced_indices(labels, 50, seed=0)
+    assert torch.bincount(labels[indices]).tolist() == [5] * 10
+    path = tmp_path / "indices.json"
+    path.write_text(json.dumps(index_record("cifar10", indices, 0)))
+    assert torch.equal(read_index_record(path, "cifar10", len(labels)), indices)
+    with pytest.raises(ValueError, match="not 'svhn'"):
+        read_index_record(path, "svhn", len(labels))
+    record = json.loads(path.read_text())
+    record["indices"][0] += 1
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="recorded hash"):
+        read_index_record(path, "cifar10", len(labels))
+
+
+def _row(threat: str, attack: str, eps: float, accuracy: float, defense: str = "d") -> Row:
+    correct = torch.zeros(100)
+    correct[: round(accuracy * 100)] = 1
+    return Row(
+        defense=defense, threat=threat, attack=attack, norm="linf", eps=eps, eps_label=f"{eps:g}", steps=10, restarts=1,
+        eot=1, n=100, accuracy=accuracy, accuracy_std=0.0, draws=1, seconds=1.0, img_per_s=100.0, seed=0,
+        correct=correct, examples=torch.zeros(0),
+    )
+
+
+def test_sanity_checks_flag_gradient_masking():
+    honest = [_row("white-box", "fgsm", 4, 0.3), _row("white-box", "pgd10", 4, 0.1), _row("white-box", "pgd10", 8, 0.0)]
+    assert sanity_warnings(honest, [], {}) == []
+    one_step = sanity_warnings([_row("white-box", "fgsm", 4, 0.05), _row("white-box", "pgd10", 4, 0.2)], [], {})
+    assert any("FGSM" in warning for warning in one_step)
+    rising = sanity_warnings([_row("white-box", "pgd10", 4, 0.1), _row("white-box", "pgd10", 8, 0.4)], [], {})
+    assert any("rises" in warning for warning in rising)
+    gray = sanity_warnings([_row("gray-box", "pgd10", 4, 0.1), _row("bpda", "pgd10", 4, 0.5)], [], {})
+    assert any("too weak" in warning for warning in gray)
+    stuck = sanity_warnings([], [_row("none", "pgd20", 32, 0.3, defense="none")], {"d / white-box": 0.9})
+    assert len(stuck) == 2
+
+
+def test_worst_case_counts_an_image_robust_only_against_every_attack():
+    a, b = _row("bpda", "pgd10", 8, 0.5), _row("bpda", "apgd-ce", 8, 0.5)
+    b.correct = 1 - a.correct  # each attack breaks the images the other leaves
+    clean = _row("clean", "clean", 0, 0.9)
+    [case] = worst_case([clean, a, b], "shapes", "victim")
+    assert case["robust_acc"] == "0.00" and case["clean_acc"] == "90.00" and case["threat"] == "bpda"
+
+
+@pytest.mark.parametrize(
+    "name, norm, eps, ceiling",
+    [("apgd-ce", "linf", 8 / 255, 0.05), ("apgd-dlr20", "linf", 8 / 255, 0.05), ("autoattack", "linf", 8 / 255, 0.05),
+     ("square300", "linf", 8 / 255, 0.6), ("cw30", "l2", 1.0, 0.1), ("deepfool", "linf", 8 / 255, 0.1), ("mifgsm10", "linf", 8 / 255, 0.1)],
+)
+def test_library_attacks_break_the_undefended_victim(shapes_victim: Path, name, norm, eps, ceiling):
+    victim = load_classifier(shapes_victim)
+    images, labels = render_shapes(50, seed=1)
+    x = images.float() / 255
+    _, recipe, steps = parse_attack(name)
+    x_adv = recipe.build(AttackSettings(norm, eps, steps))(victim, x, labels, seeded_generator("cpu", 0))
+    budget = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
+    assert budget.max() <= eps + 1e-5 and 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        assert (victim(x_adv).argmax(1) == labels).float().mean() < ceiling
+
+
+def test_attack_names_are_checked():
+    assert parse_attack("pgd20")[0::2] == ("pgd", 20)
+    assert parse_attack("apgd-ce")[0::2] == ("apgd-ce", 100)
+    with pytest.raises(ValueError, match="unknown attack 'pgdx'"):
+        parse_attack("pgdx")
+    with pytest.raises(ValueError, match="fixed number of steps"):
+        parse_attack("fgsm10")
