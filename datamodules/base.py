@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from engine.seeding import seeded_generator
+from evaluation.subset import balanced_indices
 
 Split = Literal["train", "test"]
 
@@ -117,7 +118,7 @@ def to_unit_float(images: Tensor) -> Tensor:
 
 class TensorImageDataModule(pl.LightningDataModule):
     """Base of the in-memory data sets. Subclasses set `class_names`, `channels`, `image_size`
-    and implement `load_split`. Validation and test both use the test split.
+    and implement `load_split`. Validation uses the test split (or its `val_images` subset); test the whole of it.
 
     Args:
         batch_size: training batch size per process.
@@ -127,6 +128,8 @@ class TensorImageDataModule(pl.LightningDataModule):
         crop_padding: zero padding of the random crop in pixels (0 disables the crop).
         flip: random horizontal flips in training.
         seed: seed of the shuffle order and the augmentation (linked to `seed_everything`).
+        val_images: validate on a fixed class-balanced subset of the test split of this size (the
+            evaluator's subset for seed 0) instead of the whole split; testing uses the whole split.
     """
 
     class_names: tuple[str, ...] = ()
@@ -142,12 +145,14 @@ class TensorImageDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         flip: bool = True,
         seed: int = 0,
+        val_images: Optional[int] = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0:
             raise ValueError("batch sizes must be >= 1 and crop_padding >= 0")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.on_device, self.crop_padding, self.flip, self.seed = on_device, crop_padding, flip, seed
+        self.val_images = val_images
         self.splits: dict[str, ImageSplit] = {}
         self._resident: dict[tuple[str, torch.device], ImageSplit] = {}
         self._augmentation: Optional[tuple[int, torch.device, Tensor, Tensor]] = None
@@ -164,8 +169,12 @@ class TensorImageDataModule(pl.LightningDataModule):
         for split in wanted:
             if split not in self.splits:
                 self.splits[split] = self.load_split(split)
+        if self.val_images is not None and "val" not in self.splits:
+            test = self.splits["test"]
+            chosen = balanced_indices(test.labels, self.val_images, seed=0)
+            self.splits["val"] = ImageSplit(test.images[chosen], test.labels[chosen])
 
-    def _loader(self, split: Split, batch_size: int, sampler: Optional[DistributedSampler]) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: Optional[DistributedSampler]) -> DataLoader:
         dataset = _SplitDataset(split, self.splits[split], indices_only=self.on_device)
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=_keep_as_is,
@@ -178,10 +187,10 @@ class TensorImageDataModule(pl.LightningDataModule):
         return self._loader("train", self.batch_size, train_sampler(self, len(self.splits["train"].labels), self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, None)
+        return self._loader("test" if self.val_images is None else "val", self.eval_batch_size, None)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader("test", self.eval_batch_size, None)
 
     def on_after_batch_transfer(self, batch: SplitBatch, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = (batch.images, batch.labels) if batch.images is not None else self._gather(batch)

@@ -1,7 +1,8 @@
 """Build a defense by name, from a spec string, or from an exported restorer file.
 
     jpeg:quality=75        median:kernel=3        wavelet:sigma=0.04,wavelet=db2
-    checkpoints/sr_cifar10.pt                     (an export whose kind is in EXPORTED_DEFENSES)
+    checkpoints/sr_cifar10.pt                     (a restorer's export, kind in EXPORTED_DEFENSES)
+    runs/sr_cifar10/checkpoints/last.ckpt         (a restorer's Lightning checkpoint)
 
 Values are Python literals (`None`, numbers, `True`); anything else is taken as a string.
 """
@@ -29,8 +30,8 @@ DEFENSES: dict[str, type[Defense]] = {
     "random_resize_pad": RandomResizePad,
 }
 
-# Export kind -> builder(export dict, frozen classifier) for trained restorers; each restorer
-# module adds its kind here when it is imported by `defenses/__init__.py`.
+# Export kind -> builder(export dict, frozen classifier) for trained restorers; `restorers/__init__.py`
+# adds each restorer's kind when it is imported (load_exported_defense imports it).
 EXPORTED_DEFENSES: dict[str, Callable[[dict[str, Any], Optional[nn.Module]], Defense]] = {}
 
 EXPORT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -73,7 +74,13 @@ def build_defense(spec: dict[str, Any], classifier: Optional[nn.Module] = None) 
 
 
 def load_exported_defense(path: str | Path, classifier: Optional[nn.Module] = None) -> Defense:
-    """A trained restorer's defense from its export file (weights-only loading)."""
+    """A trained restorer's defense from its export file or its Lightning checkpoint (weights-only loading)."""
+    import restorers  # noqa: F401  (registers the restorers' export kinds in EXPORTED_DEFENSES)
+
+    if str(path).endswith(".ckpt"):
+        from restorers.export import module_from_checkpoint
+
+        return module_from_checkpoint(path).defense()
     export = read_export(path)
     kind = export["kind"]
     if kind == "classifier":

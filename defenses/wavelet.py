@@ -87,6 +87,10 @@ def wavelet_denoise(
     """
     if ycbcr and x.shape[1] != 3:
         raise ValueError(f"YCbCr denoising needs 3 channels, got {x.shape[1]}; set ycbcr to false for other images")
+    if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        # ptwt takes fp32/fp64 only, and thresholds want full precision: leave autocast, come back in x's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return wavelet_denoise(x.float(), wavelet, levels, sigma, ycbcr).to(x.dtype)
     height, width = x.shape[-2:]
     levels = default_levels(height, width, wavelet) if levels is None else levels
     work = rgb_to_ycbcr(x) if ycbcr else x

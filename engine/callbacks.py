@@ -83,3 +83,70 @@ class ExportOnFitEnd(pl.Callback):
         }
         atomic_save(pl_module.to_export(meta), self.path)
         rank_zero_info(f"Exported {type(pl_module).__name__} to {self.path}")
+
+
+class RestorerEMA(pl.Callback):
+    """Exponential moving average of `pl_module.restorer`'s weights, and only of those: the frozen
+    classifier is neither copied nor saved twice (Lightning's EMAWeightAveraging copies the whole
+    module). Validation runs on the averaged weights; when training ends they replace the live
+    ones, so the export written at the end of fit holds them. The average is kept in the
+    checkpoint's callback state: a resumed run continues it exactly.
+
+    Args:
+        decay: weight of the old average per optimizer step, once warmed up: step t uses
+            min(decay, (1 + t) / (10 + t)), so that short runs are not averaged with the
+            random initial weights (the warm-up of TensorFlow's ExponentialMovingAverage).
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.average: Optional[dict[str, torch.Tensor]] = None
+        self._last_step = -1
+
+    @staticmethod
+    def _floats(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in pl_module.restorer.state_dict().items() if v.is_floating_point()}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        live = self._floats(pl_module)
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in live.items()}
+        else:  # restored from a checkpoint: move next to the weights
+            self.average = {k: self.average[k].to(v.device) for k, v in live.items()}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:  # no optimizer step (gradient accumulation)
+            return
+        self._last_step = trainer.global_step
+        step = trainer.global_step
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        live = self._floats(pl_module)
+        torch._foreach_lerp_(list(self.average.values()), [live[k].detach() for k in self.average], weight)
+
+    def _swap(self, pl_module: pl.LightningModule) -> None:
+        live = self._floats(pl_module)
+        for key, average in self.average.items():
+            held = live[key].detach().clone()
+            live[key].data.copy_(average)
+            average.copy_(held)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._swap(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        live = self._floats(pl_module)
+        for key, average in self.average.items():
+            live[key].data.copy_(average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.average, self._last_step = state_dict["average"], state_dict["last_step"]

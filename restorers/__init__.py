@@ -1,3 +1,11 @@
-"""Learned restorers (EDSR super-resolution, RAIN, TRN), each a LightningModule trained with a
-frozen classifier in its loss. They arrive with their issues; the frozen classifier they use is
-classifiers.FrozenClassifier, loaded with classifiers.load_classifier."""
+"""Learned restorers, each a LightningModule trained with a frozen classifier in its loss
+(restorers/base.py), and the defenses they give at inference, registered by export kind."""
+from defenses.factory import EXPORTED_DEFENSES
+from restorers.base import RestorerModule
+from restorers.sr import SuperResolutionDefense, SuperResolutionRestorer, sr_defense_from_export
+
+# Export kind -> the module class that trains it (to rebuild one from a .ckpt) and the defense builder.
+RESTORER_MODULES: dict[str, type[RestorerModule]] = {"sr": SuperResolutionRestorer}
+EXPORTED_DEFENSES["sr"] = sr_defense_from_export
+
+__all__ = ["RESTORER_MODULES", "RestorerModule", "SuperResolutionDefense", "SuperResolutionRestorer"]

@@ -141,6 +141,13 @@ def test_cifar10_from_the_real_jpeg_tree(cifar_tree: Path):
     assert train.labels.bincount().tolist() == [5000] * 10 and test.labels.bincount().tolist() == [1000] * 10
     x, _ = batches(datamodule, datamodule.val_dataloader(), 1)[0]
     assert x.shape == (1000, 3, 32, 32) and 0.2 < x.mean() < 0.8
+    # The tree is sorted by class: validation on a subset takes it class-balanced, testing takes all.
+    subset = CIFAR10(root=str(cifar_tree), eval_batch_size=1000, val_images=200)
+    subset.splits = {"train": train, "test": test}
+    subset.setup("fit")
+    [(_, val_labels)] = batches(subset, subset.val_dataloader(), 1)
+    assert val_labels.bincount().tolist() == [20] * 10
+    assert sum(len(y) for _, y in batches(subset, subset.test_dataloader(), 20)) == 10000
     # The generic in-memory ImageFolder reads the same tree to the same tensors.
     generic = ImageFolderTensors(root=str(cifar_tree))
     assert generic.class_names == CIFAR10.class_names

@@ -195,3 +195,37 @@ def test_attack_names_are_checked():
         parse_attack("pgdx")
     with pytest.raises(ValueError, match="fixed number of steps"):
         parse_attack("fgsm10")
+
+
+def test_gray_box_adversarials_are_computed_once_for_all_defenses(shapes_victim: Path):
+    from defenses import make_defense
+    from evaluation.runner import Evaluator
+    from evaluation.threats import THREATS
+
+    images, labels = render_shapes(30, seed=1)
+    evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=16, eval_draws=1, eot=1)
+    median, wavelet = make_defense("median"), make_defense("wavelet")
+
+    def examples(defense, threat: str) -> torch.Tensor:
+        return evaluator.attack(defense, THREATS[threat], "pgd5", "linf", 8 / 255, "8/255").examples
+
+    assert torch.equal(examples(median, "gray-box"), examples(wavelet, "gray-box"))  # the attacker never sees the defense
+    assert not torch.equal(examples(median, "white-box"), examples(wavelet, "white-box"))
+
+
+def test_transfer_and_black_box_threat_models(shapes_victim: Path, tmp_path: Path):
+    common = ["--defense", "median", "--attacks", "pgd5,square100", "--n", "30", "--eps", "8/255"]
+    results = evaluate(shapes_victim, tmp_path / "a", *common, "--threats", "transfer,black-box", "--transfer-from", str(shapes_victim))
+    ran = {(row["threat"], row["attack"]) for row in results["rows"]}
+    assert {("transfer", "pgd5"), ("black-box", "square100")} <= ran
+    assert {(s["threat"], s["attack"]) for s in results["skipped"]} == {("transfer", "square100"), ("black-box", "pgd5")}
+    without_source = evaluate(shapes_victim, tmp_path / "b", *common, "--threats", "transfer")
+    assert any("--transfer-from" in s["reason"] for s in without_source["skipped"])
+
+
+def test_a_lightning_checkpoint_is_a_classifier_too(shapes_victim: Path, tmp_path: Path):
+    checkpoint = shapes_victim.parent.parent / "runs" / "victim_shapes" / "checkpoints" / "last.ckpt"
+    common = ["--attacks", "fgsm", "--threats", "none", "--n", "50"]
+    from_export = evaluate(shapes_victim, tmp_path / "a", *common)
+    from_checkpoint = evaluate(checkpoint, tmp_path / "b", *common)
+    assert [r["accuracy"] for r in from_export["rows"]] == [r["accuracy"] for r in from_checkpoint["rows"]]

@@ -1,0 +1,169 @@
+"""The LightningModule every restorer builds on: a restorer network trained with a frozen
+classifier in its loss, validated as a defense.
+
+Training, top-down (`training_step`):
+    batch (x clean, y) -> make_pair: degradation or on-the-fly attack -> (inputs, target)
+    -> restore(inputs) -> restoration loss (L1 to target) + classifier loss on the restored image
+    -> logs
+The classifier loss is cross-entropy of the frozen classifier on the restored image (`ce`), or
+HGD's (Liao et al. 2018) L1 between the classifier's logits on the restored and on the clean image
+(`logits_l1`). The classifier is a FrozenClassifier: requires_grad False, always in eval mode,
+not in the optimizer; its weights come from the victim file whose path and hash the export keeps.
+
+Validation each epoch (on the data module's class-balanced `val_images` subset): PSNR/SSIM of the restorer's input
+(brought to the target size) and of its output against the clean image, the defended clean
+accuracy, and the defended gray-box PGD accuracy (attack the classifier alone, defend, classify);
+image grids to TensorBoard. Subclasses implement make_pair, restore, input_as_image and defense.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchvision.utils import make_grid
+
+from attacks import GradientAttack, seeded_generator
+from classifiers import load_classifier
+from defenses.base import Defense
+from engine.export import make_export
+
+ClassifierLoss = Literal["ce", "logits_l1"]
+Schedule = Literal["cosine", "constant"]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class RestorerModule(pl.LightningModule):
+    """Base of the restorers.
+
+    Args:
+        classifier: the victim file (export .pt or VictimModule .ckpt) frozen in the loss.
+        num_classes, in_chans: linked from the data module; checked against the classifier.
+        restoration_weight, classifier_weight: weights of the L1 restoration loss and of the
+            classifier-in-the-loop loss; classifier_loss: "ce" or "logits_l1" (HGD).
+        lr, weight_decay, schedule: AdamW and its per-step schedule.
+        val_eps, val_steps: the gray-box Linf PGD of the validation.
+        grid_images: images per TensorBoard grid.
+    """
+
+    kind: str = ""  # the export kind, e.g. "sr"
+
+    def __init__(
+        self, classifier: str, num_classes: int = 10, in_chans: int = 3, restoration_weight: float = 1.0,
+        classifier_weight: float = 0.1, classifier_loss: ClassifierLoss = "ce", lr: float = 2e-4,
+        weight_decay: float = 0.0, schedule: Schedule = "cosine", val_eps: float = 8 / 255,
+        val_steps: int = 10, grid_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # collects the subclass's arguments too
+        self.classifier = load_classifier(classifier)
+        self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
+        self.psnr_in, self.psnr_out = (PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) for _ in range(2))
+        self.ssim_in, self.ssim_out = (StructuralSimilarityIndexMeasure(data_range=1.0) for _ in range(2))
+        self._num_classes, self._in_chans = num_classes, in_chans
+
+    # --- what each restorer defines -------------------------------------------------------
+    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """(restorer input, target) from a clean batch x (N,C,H,W) in [0,1] and labels y."""
+        raise NotImplementedError
+
+    def restore(self, inputs: Tensor) -> Tensor:
+        """The restorer on make_pair's inputs -> images shaped like the target."""
+        raise NotImplementedError
+
+    def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
+        """make_pair's inputs as an image the size of the target (the baseline the restorer must beat)."""
+        raise NotImplementedError
+
+    def defense(self) -> Defense:
+        """The defense this restorer gives at inference (sharing this module's weights)."""
+        raise NotImplementedError
+
+    def export_model(self) -> dict[str, Any]:
+        """Everything that rebuilds the defense from the export file, except the weights."""
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        with torch.no_grad():
+            logits = self.classifier(torch.zeros(1, self._in_chans, 32, 32, device=self.device))
+        if logits.shape[1] != self._num_classes:
+            raise ValueError(
+                f"the classifier {self.victim['path']} has {logits.shape[1]} classes, the data {self._num_classes}: "
+                "train the restorer on the data its victim was trained on"
+            )
+
+    def classifier_loss(self, restored: Tensor, clean: Tensor, y: Tensor) -> Tensor:
+        logits = self.classifier(restored)
+        if self.hparams.classifier_loss == "ce":
+            return F.cross_entropy(logits.float(), y)
+        with torch.no_grad():
+            reference = self.classifier(clean)
+        return F.l1_loss(logits.float(), reference.float())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        inputs, target = self.make_pair(x, y, self.global_step)
+        restored = self.restore(inputs)
+        restoration = F.l1_loss(restored.float(), target.float())
+        in_the_loop = self.classifier_loss(restored, x, y)
+        loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
+        self.log_dict({"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        inputs, target = self.make_pair(x, y, -1 - batch_idx)  # negative steps: validation draws
+        with torch.enable_grad():  # validation inside fit runs under no_grad; the attack needs gradients
+            attack = GradientAttack("linf", self.hparams.val_eps, self.hparams.val_steps)
+            x_adv = attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
+        defense = self.defense()
+        restored = self.restore(inputs).clamp(0, 1).float()
+        baseline = self.input_as_image(inputs, target).clamp(0, 1).float()
+        self._update_image_metrics(baseline, restored, target.float())
+        self.log("val/acc", (self.classifier(defense(x)).argmax(1) == y).float().mean(), batch_size=len(y))
+        self.log("val/graybox_acc", (self.classifier(defense(x_adv)).argmax(1) == y).float().mean(), batch_size=len(y))
+        if batch_idx == 0:
+            self._log_grid(target, baseline, restored)
+
+    def _update_image_metrics(self, baseline: Tensor, restored: Tensor, target: Tensor) -> None:
+        for metric, image in ((self.psnr_in, baseline), (self.ssim_in, baseline), (self.psnr_out, restored), (self.ssim_out, restored)):
+            metric.update(image, target)
+        self.log_dict({
+            "val/psnr": self.psnr_out, "val/psnr_input": self.psnr_in, "val/ssim": self.ssim_out, "val/ssim_input": self.ssim_in,
+        })
+
+    def _log_grid(self, clean: Tensor, degraded: Tensor, restored: Tensor) -> None:
+        """clean / degraded / restored / residual (restored - degraded) x4 around grey."""
+        writer = getattr(self.logger, "experiment", None)
+        if writer is None or not hasattr(writer, "add_image") or self.trainer.sanity_checking:
+            return
+        k = self.hparams.grid_images
+        residual = ((restored[:k] - degraded[:k]) * 4 + 0.5).clamp(0, 1)
+        grid = make_grid(torch.cat([clean[:k].float(), degraded[:k], restored[:k], residual]), nrow=len(clean[:k]))
+        writer.add_image("val/clean_degraded_restored_residual", grid, self.global_step)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.restorer.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+            if self.hparams.schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def to_export(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The export dict (see engine.export): the restorer's weights, never the classifier's."""
+        model = {**self.export_model(), "victim": self.victim}
+        return make_export(self.kind, model, self.restorer.state_dict(), meta)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["restorer_kind"] = self.kind  # lets restorers.export rebuild the module from a .ckpt

@@ -1,0 +1,62 @@
+"""Rebuild a restorer from its Lightning checkpoint, and export one.
+
+    python -m restorers.export runs/<run>/checkpoints/last.ckpt checkpoints/<run>.pt
+
+The export holds the EMA weights when the run used RestorerEMA (as the export written at the end
+of fit does), the restorer's weights only (never the classifier's), and what rebuilds the defense.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from engine.export import NotAnExportError, atomic_save, load_weights_only
+from restorers import RESTORER_MODULES
+from restorers.base import RestorerModule
+
+_EMA_STATE = "RestorerEMA"
+
+
+def _ema_weights(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith(_EMA_STATE) and state.get("average") is not None:
+            return state["average"]
+    return None
+
+
+def module_from_checkpoint(path: str | Path) -> RestorerModule:
+    """The restorer module of a checkpoint written by `train.py fit`, with its EMA weights if any."""
+    checkpoint = load_weights_only(path, "Lightning checkpoint")
+    kind = checkpoint.get("restorer_kind") if isinstance(checkpoint, dict) else None
+    if kind not in RESTORER_MODULES:
+        raise NotAnExportError(f"'{path}' is not a checkpoint of a restorer (kinds: {sorted(RESTORER_MODULES)})")
+    arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    module = RESTORER_MODULES[kind](**arguments)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    average = _ema_weights(checkpoint)
+    if average is not None:
+        module.restorer.load_state_dict({**module.restorer.state_dict(), **average}, strict=True)
+    return module.eval()
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the export file of a restorer checkpoint; refuses to replace a file unless told to."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"'{out}' exists; pass --overwrite to replace it")
+    module = module_from_checkpoint(checkpoint)
+    return atomic_save(module.to_export({"source_checkpoint": str(checkpoint)}), out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export a restorer's Lightning checkpoint to a defense file for eval.py.")
+    parser.add_argument("checkpoint", help="a .ckpt written by `train.py fit` with a restorer")
+    parser.add_argument("out", help="the export file to write, e.g. checkpoints/<run>.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export file")
+    args = parser.parse_args()
+    print(f"exported {export_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+
+
+if __name__ == "__main__":
+    main()

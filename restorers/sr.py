@@ -1,0 +1,116 @@
+"""Restorer 1: the super-resolution defense of Mustafa et al. (TIP 2020), trained.
+
+    python train.py fit --config configs/sr_cifar10.yaml
+
+Training pairs: (low-resolution input, clean image). The input is the clean image downsampled
+by `scale` (bicubic, antialiased); for an `adversarial_share` of each batch it is an adversarial
+image instead, made on the fly against the frozen classifier with the evaluator's PGD, wavelet
+denoised as at inference, then downsampled. EDSR maps it back to full size.
+
+The defense at inference (SuperResolutionDefense):
+    x (N,C,H,W) in [0,1] -> wavelet denoising (optional) -> EDSR x scale -> (N,C,sH,sW)
+    -> resize to (H,W) (bicubic, antialiased; `resize: false` keeps sH x sW) -> clamp [0,1]
+All of it is differentiable, so eval.py's white-box threat model differentiates through it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks import GradientAttack, seeded_generator
+from defenses.base import Defense
+from defenses.wavelet import wavelet_denoise
+from restorers.base import RestorerModule
+from restorers.edsr import build_edsr
+
+
+def bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Antialiased bicubic resize of (N,C,H,W) to `size` (the degradation and the resize back)."""
+    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+
+class SuperResolutionDefense(Defense):
+    """wavelet denoise -> EDSR -> resize back; wraps a trained EDSR (weights shared, not copied)."""
+
+    def __init__(self, network: nn.Module, scale: int, denoise: bool, wavelet: dict[str, Any], resize: bool) -> None:
+        super().__init__()
+        self.network, self.scale, self.denoise, self.wavelet, self.resize = network, scale, denoise, dict(wavelet), resize
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "sr", "scale": self.scale, "denoise": self.denoise, "resize": self.resize}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.denoise:
+            x = wavelet_denoise(x, **self.wavelet)
+        upscaled = self.network(x)
+        return (bicubic_resize(upscaled, x.shape[-2:]) if self.resize else upscaled).clamp(0, 1)
+
+
+class SuperResolutionRestorer(RestorerModule):
+    """EDSR trained as a defense. Args (besides RestorerModule's):
+
+        scale: upsampling factor (2, 3, 4); preset: "baseline" or "large"; arch_kwargs: overrides
+            of the preset (num_blocks, num_features, res_scale, mean).
+        denoise, wavelet: wavelet denoising before SR at inference and on adversarial training
+            inputs; `wavelet` holds wavelet_denoise's arguments (wavelet, levels, sigma, ycbcr).
+        resize: bring the SR output back to the input size at inference.
+        adversarial_share: share of each training batch replaced by adversarial images.
+        attack_eps, attack_steps: the training attack (Linf PGD with random start).
+    """
+
+    kind = "sr"
+
+    def __init__(
+        self, classifier: str, scale: int = 2, preset: str = "baseline", arch_kwargs: Optional[dict[str, Any]] = None,
+        denoise: bool = True, wavelet: Optional[dict[str, Any]] = None, resize: bool = True,
+        adversarial_share: float = 0.0, attack_eps: float = 8 / 255, attack_steps: int = 5, **kwargs: Any,
+    ) -> None:
+        super().__init__(classifier, **kwargs)
+        if not 0 <= adversarial_share <= 1:
+            raise ValueError(f"adversarial_share must be in [0, 1], got {adversarial_share}")
+        self.restorer = build_edsr(preset, scale, self._in_chans, **(arch_kwargs or {}))
+        self.wavelet = wavelet or {}
+
+    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        source = x
+        count = round(self.hparams.adversarial_share * len(x)) if step >= 0 else 0
+        if count:
+            with torch.enable_grad():
+                attack = GradientAttack("linf", self.hparams.attack_eps, self.hparams.attack_steps)
+                x_adv = attack(self.classifier, x[:count], y[:count], seeded_generator(x.device, step, self.global_rank))
+            denoised = wavelet_denoise(x_adv, **self.wavelet) if self.hparams.denoise else x_adv
+            source = torch.cat([denoised, x[count:]])
+        height, width = x.shape[-2:]
+        low = bicubic_resize(source, (height // self.hparams.scale, width // self.hparams.scale)).clamp(0, 1)
+        return low, x
+
+    def restore(self, inputs: Tensor) -> Tensor:
+        return self.restorer(inputs)
+
+    def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
+        return bicubic_resize(inputs, target.shape[-2:])
+
+    def defense(self) -> SuperResolutionDefense:
+        hp = self.hparams
+        return SuperResolutionDefense(self.restorer, hp.scale, hp.denoise, self.wavelet, hp.resize)
+
+    def export_model(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "scale": hp.scale, "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": self._in_chans,
+            "denoise": hp.denoise, "wavelet": dict(self.wavelet), "resize": hp.resize,
+            "training": {"adversarial_share": hp.adversarial_share, "attack": "linf-pgd", "attack_eps": hp.attack_eps,
+                         "attack_steps": hp.attack_steps, "classifier_loss": hp.classifier_loss,
+                         "classifier_weight": hp.classifier_weight},
+        }
+
+
+def sr_defense_from_export(export: dict[str, Any], classifier: Optional[nn.Module] = None) -> SuperResolutionDefense:
+    """Rebuild the defense from an export file's dict (strict weight loading)."""
+    model = export["model"]
+    network = build_edsr(model["preset"], model["scale"], model["in_chans"], **model["arch_kwargs"])
+    network.load_state_dict(export["state_dict"], strict=True)
+    return SuperResolutionDefense(network, model["scale"], model["denoise"], model["wavelet"], model["resize"])
