@@ -178,7 +178,8 @@ def _eps_plot(rows: list[Row]) -> bytes:
     for row in rows:
         if row.attack != "clean":
             panels[row.threat][(row.defense, row.attack, row.norm)].append(row)
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=True, squeeze=False)
+    columns = max(len(panels), 1)  # an evaluation whose attacks were all skipped still gets a (blank) plot
+    figure, axes = pyplot.subplots(1, columns, figsize=(4.2 * columns, 4.2), sharey=True, squeeze=False)
     for axis, (threat, series) in zip(axes[0], panels.items()):
         for (defense, attack, norm), members in series.items():
             members.sort(key=lambda row: row.eps)

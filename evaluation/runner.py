@@ -155,6 +155,8 @@ class Evaluator:
         scorer = self.classifier if defense is None else scored_model(_DEFENDED, self.classifier, defense)
         threat = "none" if defense is None else "clean"
         images = [x for _, x, _ in self._batches()]
+        if self.progress is not None:
+            self.progress.update(self.batches_per_row)
         return self._row(scorer, defense, threat, "clean", AttackSettings("linf", 0.0, 0), "0", images, 0.0)
 
     def attack(self, defense: Defense, threat: ThreatModel, attack: str, norm: str, eps: float, eps_label: str) -> Row | Skipped:
