@@ -7,14 +7,13 @@ classifier in a restorer's loss) and evaluation both go through it.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from classifiers.factory import build_classifier
 from classifiers.frozen import FrozenClassifier
 from classifiers.victim import CLASSIFIER_SPEC_KEYS
-from engine.export import NotAnExportError, atomic_save, load_weights_only, make_export, read_export
+from engine.export import NotAnExportError, export_command, load_weights_only, make_export, read_export, save_new_export
 
 _NET_PREFIX = "classifier.net."
 
@@ -52,22 +51,13 @@ def load_classifier(path: str | Path) -> FrozenClassifier:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the export file of a VictimModule checkpoint; refuses to replace a file unless told to."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"'{out}' exists; pass --overwrite to replace it")
-    spec, weights, meta = _from_checkpoint(Path(checkpoint))
-    classifier_from_spec(spec, weights)  # refuse to write a file that would not load
-    return atomic_save(make_export("classifier", spec, weights, meta), out)
+    def make() -> dict[str, Any]:
+        spec, weights, meta = _from_checkpoint(Path(checkpoint))
+        classifier_from_spec(spec, weights)  # refuse to write a file that would not load
+        return make_export("classifier", spec, weights, meta)
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Export a VictimModule Lightning checkpoint to a classifier file.")
-    parser.add_argument("checkpoint", help="a .ckpt written by `train.py fit` with a VictimModule")
-    parser.add_argument("out", help="the export file to write, e.g. checkpoints/<run>.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export file")
-    args = parser.parse_args()
-    print(f"exported {export_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+    return save_new_export(make, out, overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    export_command("Export a VictimModule Lightning checkpoint to a classifier file.", "a VictimModule", export_checkpoint)

@@ -88,7 +88,7 @@ class ExportOnFitEnd(pl.Callback):
 class RestorerEMA(pl.Callback):
     """Exponential moving average of `pl_module.restorer`'s weights, and only of those: the frozen
     classifier is neither copied nor saved twice (Lightning's EMAWeightAveraging copies the whole
-    module). Validation runs on the averaged weights; when training ends they replace the live
+    module). Validation and testing run on the averaged weights; when training ends they replace the live
     ones, so the export written at the end of fit holds them. The average is kept in the
     checkpoint's callback state: a resumed run continues it exactly.
 
@@ -133,11 +133,19 @@ class RestorerEMA(pl.Callback):
             average.copy_(held)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.average is not None and trainer.state.fn == TrainerFn.FITTING:
+        if self.average is not None:
             self._swap(pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.average is not None and trainer.state.fn == TrainerFn.FITTING:
+        if self.average is not None:
+            self._swap(pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average is not None:  # `train.py test --ckpt_path ...` restores the average: test it
+            self._swap(pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average is not None:
             self._swap(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

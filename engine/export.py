@@ -58,6 +58,27 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda stream: stream.write(data))
 
 
+def save_new_export(make: Callable[[], dict[str, Any]], out: str | os.PathLike, overwrite: bool) -> Path:
+    """Write the export dict that make() builds to `out`, atomically; refuses to replace an existing
+    file unless `overwrite` (checked before make() runs, so a refusal costs nothing)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"'{out}' exists; pass --overwrite to replace it")
+    return atomic_save(make(), out)
+
+
+def export_command(description: str, what: str, export_checkpoint: Callable[[str, str, bool], Path]) -> None:
+    """The command line of `python -m classifiers.export` and `python -m restorers.export`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("checkpoint", help=f"a .ckpt written by `train.py fit` with {what}")
+    parser.add_argument("out", help="the export file to write, e.g. checkpoints/<run>.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export file")
+    args = parser.parse_args()
+    print(f"exported {export_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+
+
 def load_weights_only(path: str | os.PathLike, what: str) -> Any:
     """torch.load(weights_only=True) with errors that say what the file was expected to be."""
     path = Path(path)

@@ -10,7 +10,8 @@ HGD's (Liao et al. 2018) L1 between the classifier's logits on the restored and 
 (`logits_l1`). The classifier is a FrozenClassifier: requires_grad False, always in eval mode,
 not in the optimizer; its weights come from the victim file whose path and hash the export keeps.
 
-Validation each epoch (on the data module's class-balanced `val_images` subset): PSNR/SSIM of the restorer's input
+Validation each epoch (on the data module's class-balanced `val_images` subset), and `train.py
+test` on the whole test split: PSNR/SSIM of the restorer's input
 (brought to the target size) and of its output against the clean image, the defended clean
 accuracy, and the defended gray-box PGD accuracy (attack the classifier alone, defend, classify);
 image grids to TensorBoard. Subclasses implement make_pair, restore, input_as_image and defense.
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid
 
@@ -114,31 +115,38 @@ class RestorerModule(pl.LightningModule):
         inputs, target = self.make_pair(x, y, self.global_step)
         restored = self.restore(inputs)
         restoration = F.l1_loss(restored.float(), target.float())
-        in_the_loop = self.classifier_loss(restored, x, y)
+        in_the_loop = self.classifier_loss(restored, x, y) if self.hparams.classifier_weight else restoration.new_zeros(())
         loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
         self.log_dict({"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, y = batch
-        inputs, target = self.make_pair(x, y, -1 - batch_idx)  # negative steps: validation draws
+        inputs, target = self.make_pair(x, y, -1 - batch_idx)  # negative steps: evaluation draws
         with torch.enable_grad():  # validation inside fit runs under no_grad; the attack needs gradients
             attack = GradientAttack("linf", self.hparams.val_eps, self.hparams.val_steps)
             x_adv = attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
         defense = self.defense()
         restored = self.restore(inputs).clamp(0, 1).float()
         baseline = self.input_as_image(inputs, target).clamp(0, 1).float()
-        self._update_image_metrics(baseline, restored, target.float())
-        self.log("val/acc", (self.classifier(defense(x)).argmax(1) == y).float().mean(), batch_size=len(y))
-        self.log("val/graybox_acc", (self.classifier(defense(x_adv)).argmax(1) == y).float().mean(), batch_size=len(y))
-        if batch_idx == 0:
+        self._update_image_metrics(baseline, restored, target.float(), stage)
+        self.log(f"{stage}/acc", (self.classifier(defense(x)).argmax(1) == y).float().mean(), batch_size=len(y))
+        self.log(f"{stage}/graybox_acc", (self.classifier(defense(x_adv)).argmax(1) == y).float().mean(), batch_size=len(y))
+        if batch_idx == 0 and stage == "val":
             self._log_grid(target, baseline, restored)
 
-    def _update_image_metrics(self, baseline: Tensor, restored: Tensor, target: Tensor) -> None:
+    def _update_image_metrics(self, baseline: Tensor, restored: Tensor, target: Tensor, stage: str) -> None:
         for metric, image in ((self.psnr_in, baseline), (self.ssim_in, baseline), (self.psnr_out, restored), (self.ssim_out, restored)):
             metric.update(image, target)
         self.log_dict({
-            "val/psnr": self.psnr_out, "val/psnr_input": self.psnr_in, "val/ssim": self.ssim_out, "val/ssim_input": self.ssim_in,
+            f"{stage}/psnr": self.psnr_out, f"{stage}/psnr_input": self.psnr_in, f"{stage}/ssim": self.ssim_out,
+            f"{stage}/ssim_input": self.ssim_in,
         })
 
     def _log_grid(self, clean: Tensor, degraded: Tensor, restored: Tensor) -> None:

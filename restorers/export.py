@@ -7,11 +7,10 @@ of fit does), the restorer's weights only (never the classifier's), and what reb
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from engine.export import NotAnExportError, atomic_save, load_weights_only
+from engine.export import NotAnExportError, export_command, load_weights_only, save_new_export
 from restorers import RESTORER_MODULES
 from restorers.base import RestorerModule
 
@@ -42,21 +41,11 @@ def module_from_checkpoint(path: str | Path) -> RestorerModule:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the export file of a restorer checkpoint; refuses to replace a file unless told to."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"'{out}' exists; pass --overwrite to replace it")
-    module = module_from_checkpoint(checkpoint)
-    return atomic_save(module.to_export({"source_checkpoint": str(checkpoint)}), out)
+    def make() -> dict[str, Any]:
+        return module_from_checkpoint(checkpoint).to_export({"source_checkpoint": str(checkpoint)})
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Export a restorer's Lightning checkpoint to a defense file for eval.py.")
-    parser.add_argument("checkpoint", help="a .ckpt written by `train.py fit` with a restorer")
-    parser.add_argument("out", help="the export file to write, e.g. checkpoints/<run>.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export file")
-    args = parser.parse_args()
-    print(f"exported {export_checkpoint(args.checkpoint, args.out, args.overwrite)}")
+    return save_new_export(make, out, overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    export_command("Export a restorer's Lightning checkpoint to a defense file for eval.py.", "a restorer", export_checkpoint)
