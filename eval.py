@@ -199,7 +199,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         classifier, images, labels, seed=args.seed, batch_size=args.batch_size, eval_draws=args.eval_draws,
         eot=args.eot, source=source, progress=progress,
     )
-    progress.total = evaluator.batches_per_row * (1 + len(defenses) + len(threats) * len(defenses) * len(attacks) * len(budgets))
+    rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
+    progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
     rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets)
     progress.close()
     large_eps = sanity_rows(evaluator, defenses, args.norm)
