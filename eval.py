@@ -194,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     classifier, source, defenses = load_models(args, device, images.shape[1])
     atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
 
-    progress = tqdm(total=0, unit="batch", disable=args.no_progress, file=sys.stderr, desc="eval")
+    progress = tqdm(total=0, unit="batch", miniters=1, disable=args.no_progress, file=sys.stderr, desc="eval")
     evaluator = Evaluator(
         classifier, images, labels, seed=args.seed, batch_size=args.batch_size, eval_draws=args.eval_draws,
         eot=args.eot, source=source, progress=progress,
