@@ -183,6 +183,7 @@ def device_name(device: torch.device) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
     out = prepare_out(Path(args.out), args.overwrite)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     threats = parse_threats(args.threats)
@@ -211,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "meta": {
             "command": " ".join(["python", "eval.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **environment_meta(), "device": device_name(device), "classifier": args.classifier,
+            **environment, "device": device_name(device), "classifier": args.classifier,
             "classifier_sha256": file_digest(args.classifier), "transfer_from": args.transfer_from,
             "data": args.data, "data_root": args.data_root, "n": len(labels), "seed": args.seed,
             "index_hash": record["hash"], "norm": args.norm, "eot": args.eot, "eval_draws": args.eval_draws,
