@@ -229,3 +229,15 @@ def test_a_lightning_checkpoint_is_a_classifier_too(shapes_victim: Path, tmp_pat
     from_export = evaluate(shapes_victim, tmp_path / "a", *common)
     from_checkpoint = evaluate(checkpoint, tmp_path / "b", *common)
     assert [r["accuracy"] for r in from_export["rows"]] == [r["accuracy"] for r in from_checkpoint["rows"]]
+
+
+def test_autoattack_runs_its_rand_version_with_eot_against_a_randomized_defense(shapes_victim: Path):
+    from defenses import make_defense
+    from evaluation.runner import Evaluator
+    from evaluation.threats import THREATS
+
+    images, labels = render_shapes(20, seed=1)
+    evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=20, eval_draws=2, eot=2)
+    row = evaluator.attack(make_defense("random_resize_pad"), THREATS["white-box"], "autoattack", "linf", 8 / 255, "8/255")
+    assert row.eot == 2 and row.draws == 2  # APGD-CE + APGD-DLR with EOT, scored over two draws
+    assert row.accuracy < 0.2
