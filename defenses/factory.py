@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from defenses.base import Defense
+from defenses.randomization import StructuredRandomization
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise
 from engine.export import NotAnExportError, read_export
@@ -28,6 +29,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "bicubic": BicubicDownUp,
     "wavelet": WaveletDenoise,
     "random_resize_pad": RandomResizePad,
+    "srd": StructuredRandomization,
 }
 
 # Export kind -> builder(export dict, frozen classifier) for trained restorers; `restorers/__init__.py`

@@ -17,7 +17,7 @@ from defenses import (
 )
 from engine.export import NotAnExportError
 
-BASELINES = ["identity", "jpeg:quality=75", "bit_depth:bits=4", "median:kernel=3", "bicubic:factor=2", "wavelet", "random_resize_pad:max_pad=4"]
+BASELINES = ["identity", "jpeg:quality=75", "bit_depth:bits=4", "median:kernel=3", "bicubic:factor=2", "wavelet", "random_resize_pad:max_pad=4", "srd:min_size=16,max_size=28,max_shift=2"]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,26 @@ def test_spec_errors_name_the_fix(tmp_path: Path, shapes_victim: Path):
         make_defense(str(shapes_victim))
     with pytest.raises(ValueError, match="wavelet"):
         WaveletDenoise(wavelet="nope")
+
+
+def test_structured_randomization_is_seeded_and_covers_its_ranges():
+    from defenses import StructuredRandomization, circular_shift
+
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    srd = StructuredRandomization(min_size=16, max_size=28, max_shift=2)
+    srd.reseed(1)
+    first, second = srd.randomize(x), srd.randomize(x)
+    srd.reseed(1)
+    assert torch.equal(srd.randomize(x), first)  # same seed, same draw
+    assert not (first.shape == second.shape and torch.equal(first, second))  # a fresh draw per call
+    sides = set()
+    for seed in range(40):
+        srd.reseed(seed)
+        low = srd.randomize(x)
+        assert low.shape[:2] == (5, 3) and low.shape[2] == low.shape[3] and 0 <= low.min() and low.max() <= 1
+        sides.add(low.shape[-1])
+    assert sides <= set(range(16, 29)) and len(sides) > 5
+    assert srd(x).shape == x.shape  # alone as a defense it returns the input size
+    shifts = torch.tensor([[1, -2], [0, 0], [-1, 3], [2, 1], [0, -1]])
+    reference = torch.stack([torch.roll(image, (int(dy), int(dx)), dims=(1, 2)) for image, (dy, dx) in zip(x, shifts)])
+    assert torch.equal(circular_shift(x, shifts), reference)
