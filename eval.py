@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import platform
 import sys
@@ -32,7 +31,7 @@ from attacks.registry import RECIPES, parse_attack
 from classifiers import load_classifier
 from datamodules import CIFAR10, STL10, SVHN, FashionMNIST, ImageFolderTensors, Shapes, TensorImageDataModule
 from defenses import Defense, Identity, describe, make_defense
-from engine.export import atomic_write_bytes, environment_meta
+from engine.export import atomic_write_bytes, environment_meta, file_sha256
 from evaluation.report import RESULTS_FORMAT, example_grid, parse_eps, sanity_warnings, worst_case, write_results
 from evaluation.runner import AutocastLogits, Evaluator, Row, Skipped
 from evaluation.subset import balanced_indices, index_record, read_index_record
@@ -92,10 +91,6 @@ def load_subset(args: argparse.Namespace, device: torch.device) -> tuple[Tensor,
         indices = balanced_indices(split.labels, args.n, args.seed)
     images = split.images[indices].to(device).float() / 255
     return images, split.labels[indices].to(device), index_record(args.data, indices, args.seed)
-
-
-def file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def load_models(args: argparse.Namespace, device: torch.device, channels: int) -> tuple[nn.Module, Optional[nn.Module], list[Defense]]:
@@ -213,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "command": " ".join(["python", "eval.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **environment, "device": device_name(device), "classifier": args.classifier,
-            "classifier_sha256": file_digest(args.classifier), "transfer_from": args.transfer_from,
+            "classifier_sha256": file_sha256(args.classifier)[:16], "transfer_from": args.transfer_from,
             "data": args.data, "data_root": args.data_root, "n": len(labels), "seed": args.seed,
             "index_hash": record["hash"], "norm": args.norm, "eot": args.eot, "eval_draws": args.eval_draws,
             "precision": args.precision, "batch_size": args.batch_size,

@@ -140,13 +140,9 @@ class RestorerEMA(pl.Callback):
         if self.average is not None:
             self._swap(pl_module)
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.average is not None:  # `train.py test --ckpt_path ...` restores the average: test it
-            self._swap(pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.average is not None:
-            self._swap(pl_module)
+    # `train.py test --ckpt_path ...` restores the average too: test it, as validation does.
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         live = self._floats(pl_module)

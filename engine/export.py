@@ -12,6 +12,7 @@ mid-write never leaves a truncated file where a good one was.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import platform
@@ -129,6 +130,11 @@ def check_export(payload: Any, path: str | os.PathLike, kind: Optional[str] = No
     if kind is not None and payload.get("kind") != kind:
         raise NotAnExportError(f"'{path}' exports a {payload.get('kind')}, not a {kind}")
     return payload
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes: what results and exports record of the victim they used."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def git_commit() -> str:

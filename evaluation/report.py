@@ -9,7 +9,7 @@ import json
 from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -41,16 +41,32 @@ def _family(attack: str) -> str:
     return attack.rstrip("0123456789")
 
 
+def _group(rows: Iterable[Row], key: Callable[[Row], tuple]) -> dict[tuple, list[Row]]:
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[key(row)].append(row)
+    return groups
+
+
+def _attacked(rows: list[Row]) -> list[Row]:
+    return [row for row in rows if row.attack != "clean"]
+
+
+def _clean_accuracies(rows: list[Row]) -> dict[str, float]:
+    """Defense label -> its clean accuracy ("none" -> the undefended classifier's)."""
+    return {row.defense: row.accuracy for row in rows if row.attack == "clean"}
+
+
+def _budget(row: Row) -> tuple:
+    return (row.defense, row.threat, row.norm, row.eps_label)
+
+
 def worst_case(rows: list[Row], dataset: str, architecture: str) -> list[dict[str, Any]]:
     """Per defense, threat, norm and epsilon: the pointwise worst case over attacks (an image counts
     as robust only if it withstands every attack; auto-attack #45), in RobustBench's result shape."""
-    clean = {row.defense: row.accuracy for row in rows if row.attack == "clean"}
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.attack != "clean":
-            groups[(row.defense, row.threat, row.norm, row.eps_label)].append(row)
+    clean = _clean_accuracies(rows)
     summaries = []
-    for (defense, threat, norm, eps_label), members in groups.items():
+    for (defense, threat, norm, eps_label), members in _group(_attacked(rows), _budget).items():
         robust = torch.stack([row.correct for row in members]).amin(0).mean().item()
         autoattack = [row.accuracy for row in members if row.attack == "autoattack"]
         summaries.append({
@@ -63,16 +79,18 @@ def worst_case(rows: list[Row], dataset: str, architecture: str) -> list[dict[st
     return summaries
 
 
+def _series(row: Row) -> tuple:
+    """The rows of one curve over epsilon."""
+    return (row.defense, row.threat, row.attack, row.norm)
+
+
 def _tolerance(*rows: Row) -> float:
     """One image, or two standard deviations of a randomized defense's accuracy, whichever is larger."""
     return max([1 / rows[0].n] + [2 * row.accuracy_std for row in rows])
 
 
 def _one_step_warnings(rows: list[Row]) -> Iterable[str]:
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for row in rows:
-        groups[(row.defense, row.threat, row.norm, row.eps_label)].append(row)
-    for (defense, threat, _, eps), members in groups.items():
+    for (defense, threat, _, eps), members in _group(_attacked(rows), _budget).items():
         iterative = [row for row in members if _family(row.attack) in ITERATIVE]
         for one_step in (row for row in members if row.attack == "fgsm"):
             if iterative and one_step.accuracy < min(row.accuracy for row in iterative) - _tolerance(one_step, *iterative):
@@ -80,10 +98,7 @@ def _one_step_warnings(rows: list[Row]) -> Iterable[str]:
 
 
 def _threat_warnings(rows: list[Row]) -> Iterable[str]:
-    adaptive: dict[tuple, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.threat in ADAPTIVE:
-            adaptive[(row.defense, row.norm, row.eps_label)].append(row)
+    adaptive = _group((row for row in rows if row.threat in ADAPTIVE), lambda row: (row.defense, row.norm, row.eps_label))
     for row in rows:
         best = adaptive.get((row.defense, row.norm, row.eps_label))
         if row.threat in NON_ADAPTIVE and best and row.accuracy < min(r.accuracy for r in best) - _tolerance(row, *best):
@@ -94,11 +109,7 @@ def _threat_warnings(rows: list[Row]) -> Iterable[str]:
 
 
 def _epsilon_warnings(rows: list[Row]) -> Iterable[str]:
-    series: dict[tuple, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.attack != "clean":
-            series[(row.defense, row.threat, row.attack, row.norm)].append(row)
-    for (defense, threat, attack, _), members in series.items():
+    for (defense, threat, attack, _), members in _group(_attacked(rows), _series).items():
         members.sort(key=lambda row: row.eps)
         for smaller, larger in zip(members, members[1:]):
             if larger.accuracy > smaller.accuracy + _tolerance(smaller, larger):
@@ -173,15 +184,12 @@ def _eps_plot(rows: list[Row]) -> bytes:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    clean = {row.defense: row.accuracy for row in rows if row.attack == "clean"}
-    panels: dict[str, dict[tuple, list[Row]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if row.attack != "clean":
-            panels[row.threat][(row.defense, row.attack, row.norm)].append(row)
+    clean = _clean_accuracies(rows)
+    panels = {threat[0]: _group(members, _series) for threat, members in _group(_attacked(rows), lambda row: (row.threat,)).items()}
     columns = max(len(panels), 1)  # an evaluation whose attacks were all skipped still gets a (blank) plot
     figure, axes = pyplot.subplots(1, columns, figsize=(4.2 * columns, 4.2), sharey=True, squeeze=False)
     for axis, (threat, series) in zip(axes[0], panels.items()):
-        for (defense, attack, norm), members in series.items():
+        for (defense, _, attack, norm), members in series.items():
             members.sort(key=lambda row: row.eps)
             scale = 255 if norm == "linf" else 1
             xs = [0.0] + [row.eps * scale for row in members]

@@ -18,8 +18,6 @@ image grids to TensorBoard. Subclasses implement make_pair, restore, input_as_im
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -32,14 +30,10 @@ from torchvision.utils import make_grid
 from attacks import GradientAttack, seeded_generator
 from classifiers import load_classifier
 from defenses.base import Defense
-from engine.export import make_export
+from engine.export import file_sha256, make_export
 
 ClassifierLoss = Literal["ce", "logits_l1"]
 Schedule = Literal["cosine", "constant"]
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class RestorerModule(pl.LightningModule):
@@ -69,7 +63,6 @@ class RestorerModule(pl.LightningModule):
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
         self.psnr_in, self.psnr_out = (PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) for _ in range(2))
         self.ssim_in, self.ssim_out = (StructuralSimilarityIndexMeasure(data_range=1.0) for _ in range(2))
-        self._num_classes, self._in_chans = num_classes, in_chans
 
     # --- what each restorer defines -------------------------------------------------------
     def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
@@ -95,10 +88,10 @@ class RestorerModule(pl.LightningModule):
     # --- shared ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         with torch.no_grad():
-            logits = self.classifier(torch.zeros(1, self._in_chans, 32, 32, device=self.device))
-        if logits.shape[1] != self._num_classes:
+            logits = self.classifier(torch.zeros(1, self.hparams.in_chans, 32, 32, device=self.device))
+        if logits.shape[1] != self.hparams.num_classes:
             raise ValueError(
-                f"the classifier {self.victim['path']} has {logits.shape[1]} classes, the data {self._num_classes}: "
+                f"the classifier {self.victim['path']} has {logits.shape[1]} classes, the data {self.hparams.num_classes}: "
                 "train the restorer on the data its victim was trained on"
             )
 

@@ -71,7 +71,7 @@ class SuperResolutionRestorer(RestorerModule):
         super().__init__(classifier, **kwargs)
         if not 0 <= adversarial_share <= 1:
             raise ValueError(f"adversarial_share must be in [0, 1], got {adversarial_share}")
-        self.restorer = build_edsr(preset, scale, self._in_chans, **(arch_kwargs or {}))
+        self.restorer = build_edsr(preset, scale, self.hparams.in_chans, **(arch_kwargs or {}))
         self.wavelet = wavelet or {}
 
     def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
@@ -100,7 +100,7 @@ class SuperResolutionRestorer(RestorerModule):
     def export_model(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "scale": hp.scale, "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": self._in_chans,
+            "scale": hp.scale, "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": self.hparams.in_chans,
             "denoise": hp.denoise, "wavelet": dict(self.wavelet), "resize": hp.resize,
             "training": {"adversarial_share": hp.adversarial_share, "attack": "linf-pgd", "attack_eps": hp.attack_eps,
                          "attack_steps": hp.attack_steps, "classifier_loss": hp.classifier_loss,

@@ -12,8 +12,8 @@ from attacks import GradientAttack, input_gradient
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import (
-    BitDepth, DefendedClassifier, Jpeg, MedianFilter, RandomResizePad, WaveletDenoise, make_defense, parse_spec,
-    wavelet_denoise,
+    BitDepth, DefendedClassifier, Jpeg, MedianFilter, RandomResizePad, StructuredRandomization, WaveletDenoise,
+    circular_shift, make_defense, parse_spec, wavelet_denoise,
 )
 from engine.export import NotAnExportError
 
@@ -153,8 +153,6 @@ def test_spec_errors_name_the_fix(tmp_path: Path, shapes_victim: Path):
 
 
 def test_structured_randomization_is_seeded_and_covers_its_ranges():
-    from defenses import StructuredRandomization, circular_shift
-
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     srd = StructuredRandomization(min_size=16, max_size=28, max_shift=2)
     srd.reseed(1)

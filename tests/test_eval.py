@@ -14,8 +14,10 @@ from classifiers import load_classifier
 from datamodules import render_shapes
 from engine.export import NotAnExportError
 from evaluation.report import sanity_warnings, worst_case
-from evaluation.runner import Row
+from defenses import make_defense
+from evaluation.runner import Evaluator, Row
 from evaluation.subset import balanced_indices, index_hash, index_record, read_index_record
+from evaluation.threats import THREATS
 
 ROW_FIELDS = {
     "defense", "threat", "attack", "norm", "eps", "eps_label", "steps", "restarts", "eot", "n", "accuracy", "accuracy_std",
@@ -198,10 +200,6 @@ def test_attack_names_are_checked():
 
 
 def test_gray_box_adversarials_are_computed_once_for_all_defenses(shapes_victim: Path):
-    from defenses import make_defense
-    from evaluation.runner import Evaluator
-    from evaluation.threats import THREATS
-
     images, labels = render_shapes(30, seed=1)
     evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=16, eval_draws=1, eot=1)
     median, wavelet = make_defense("median"), make_defense("wavelet")
@@ -232,10 +230,6 @@ def test_a_lightning_checkpoint_is_a_classifier_too(shapes_victim: Path, tmp_pat
 
 
 def test_autoattack_runs_its_rand_version_with_eot_against_a_randomized_defense(shapes_victim: Path):
-    from defenses import make_defense
-    from evaluation.runner import Evaluator
-    from evaluation.threats import THREATS
-
     images, labels = render_shapes(20, seed=1)
     evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=20, eval_draws=2, eot=2)
     row = evaluator.attack(make_defense("random_resize_pad"), THREATS["white-box"], "autoattack", "linf", 8 / 255, "8/255")
