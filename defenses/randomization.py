@@ -1,11 +1,14 @@
-"""RAIN's structured randomization (SRd, Du et al. 2020): random downsampling plus a small random
-circular shift, which breaks the spatial structure of an adversarial perturbation.
+"""RAIN's structured randomization (SRd, Du et al. 2020): a small random circular shift and a
+random downsampling, which break the spatial structure of an adversarial perturbation.
 
 Each call draws one low-resolution side s in [min_size, max_size] for the whole batch (one
 interpolation kernel per batch keeps it a single GPU call) and, per image, a shift (dy, dx) with
-|dy|, |dx| <= max_shift. Draws come from the defense's generator (`reseed` fixes them), so two
-calls differ and the same seed repeats them. The detail generator restores full size; on its
-own (`StructuredRandomization`) the low-resolution image is resized back bicubically.
+|dy|, |dx| <= max_shift input pixels. The shift comes first, at full resolution (ours: the order
+is not fixed by the paper): a shift of whole input pixels is a sub-pixel shift of the
+low-resolution image, and training can shift the clean target by exactly the same amount, so
+the detail generator learns to restore detail, never to guess the shift. Draws come from the
+defense's generator (`reseed` fixes them), so two calls differ and the same seed repeats them.
+On its own (`StructuredRandomization`) the low-resolution image is resized back bicubically.
 """
 from __future__ import annotations
 
@@ -27,12 +30,24 @@ def circular_shift(x: Tensor, shifts: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def randomize_structure(x: Tensor, generator: torch.Generator, min_size: int, max_size: int, max_shift: int, mode: str) -> Tensor:
-    """SRd: x (N,C,H,W) in [0,1] -> (N,C,s,s) in [0,1], s drawn in [min_size, max_size], shifted per image."""
-    side = int(torch.randint(min_size, max_size + 1, (1,), generator=generator, device=x.device))  # one host read per call
-    shifts = torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=generator, device=x.device)
-    low = F.interpolate(x, size=(side, side), mode=mode, antialias=mode in ("bilinear", "bicubic"), align_corners=False if mode != "nearest" else None)
-    return circular_shift(low, shifts).clamp(0, 1)
+def draw_structure(count: int, generator: torch.Generator, min_size: int, max_size: int, max_shift: int) -> tuple[int, Tensor]:
+    """One SRd draw: the low-resolution side s (a Python int) and (count,2) int64 shifts on the generator's device."""
+    side = int(torch.randint(min_size, max_size + 1, (1,), generator=generator, device=generator.device))  # one host read per call
+    shifts = torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator, device=generator.device)
+    return side, shifts
+
+
+def randomize_structure(x: Tensor, side: int, shifts: Tensor, mode: str) -> Tensor:
+    """SRd with a given draw: x (N,C,H,W) in [0,1] -> shifted, downsampled (N,C,side,side) in [0,1]."""
+    antialias = mode in ("bilinear", "bicubic")
+    low = F.interpolate(circular_shift(x, shifts), size=(side, side), mode=mode, antialias=antialias,
+                        align_corners=False if mode != "nearest" else None)
+    return low.clamp(0, 1)
+
+
+def upsample(low: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic resize of SRd's (N,C,s,s) output back to the input size (N,C,H,W), clamped to [0,1]."""
+    return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 class StructuredRandomization(Defense):
@@ -55,10 +70,13 @@ class StructuredRandomization(Defense):
     def spec(self) -> dict[str, Any]:
         return {"name": "srd", "min_size": self.min_size, "max_size": self.max_size, "max_shift": self.max_shift, "mode": self.mode}
 
+    def draw(self, count: int, device: torch.device) -> tuple[int, Tensor]:
+        """A fresh draw (side, (count,2) shifts) from the defense's generator on `device`."""
+        return draw_structure(count, self.generator(device), self.min_size, self.max_size, self.max_shift)
+
     def randomize(self, x: Tensor) -> Tensor:
-        """The low-resolution randomized image (N,C,s,s); the detail generator's input."""
-        return randomize_structure(x, self.generator(x.device), self.min_size, self.max_size, self.max_shift, self.mode)
+        """The low-resolution randomized image (N,C,s,s) in [0,1]."""
+        return randomize_structure(x, *self.draw(len(x), x.device), self.mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        low = self.randomize(x)
-        return F.interpolate(low, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        return upsample(self.randomize(x), x.shape[-2:])

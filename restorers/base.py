@@ -45,6 +45,9 @@ class RestorerModule(pl.LightningModule):
         restoration_weight, classifier_weight: weights of the L1 restoration loss and of the
             classifier-in-the-loop loss; classifier_loss: "ce" or "logits_l1" (HGD).
         lr, weight_decay, schedule: AdamW and its per-step schedule.
+        adversarial_share: share of each training batch that restorers which train on adversarial
+            inputs replace by adversarial images (`adversarial_part`); attack_eps, attack_steps:
+            that training attack (Linf PGD with random start against the frozen classifier).
         val_eps, val_steps: the gray-box Linf PGD of the validation.
         grid_images: images per TensorBoard grid.
     """
@@ -54,10 +57,13 @@ class RestorerModule(pl.LightningModule):
     def __init__(
         self, classifier: str, num_classes: int = 10, in_chans: int = 3, restoration_weight: float = 1.0,
         classifier_weight: float = 0.1, classifier_loss: ClassifierLoss = "ce", lr: float = 2e-4,
-        weight_decay: float = 0.0, schedule: Schedule = "cosine", val_eps: float = 8 / 255,
-        val_steps: int = 10, grid_images: int = 8,
+        weight_decay: float = 0.0, schedule: Schedule = "cosine", adversarial_share: float = 0.0,
+        attack_eps: float = 8 / 255, attack_steps: int = 5, val_eps: float = 8 / 255, val_steps: int = 10,
+        grid_images: int = 8,
     ) -> None:
         super().__init__()
+        if not 0 <= adversarial_share <= 1:
+            raise ValueError(f"adversarial_share must be in [0, 1], got {adversarial_share}")
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.classifier = load_classifier(classifier)
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
@@ -94,6 +100,22 @@ class RestorerModule(pl.LightningModule):
                 f"the classifier {self.victim['path']} has {logits.shape[1]} classes, the data {self.hparams.num_classes}: "
                 "train the restorer on the data its victim was trained on"
             )
+
+    def adversarial_part(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+        """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)
+        images, seeded by (step, rank); none (k = 0) in evaluation, where step < 0."""
+        count = round(self.hparams.adversarial_share * len(x)) if step >= 0 else 0
+        if not count:
+            return x[:0]
+        with torch.enable_grad():
+            attack = GradientAttack("linf", self.hparams.attack_eps, self.hparams.attack_steps)
+            return attack(self.classifier, x[:count], y[:count], seeded_generator(x.device, step, self.global_rank))
+
+    def training_attack(self) -> dict[str, Any]:
+        """The training attack as the export records it."""
+        hp = self.hparams
+        return {"adversarial_share": hp.adversarial_share, "attack": "linf-pgd", "attack_eps": hp.attack_eps,
+                "attack_steps": hp.attack_steps, "classifier_loss": hp.classifier_loss, "classifier_weight": hp.classifier_weight}
 
     def classifier_loss(self, restored: Tensor, clean: Tensor, y: Tensor) -> Tensor:
         logits = self.classifier(restored)

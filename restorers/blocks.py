@@ -36,16 +36,18 @@ class ResidualBlock(nn.Module):
 
 
 class PixelShuffleUpsampler(nn.Sequential):
-    """Upsample features by `scale` in {2, 3, 4, 8, ...}: conv to scale^2 channels + pixel shuffle
-    (powers of two as repeated x2 stages, as in EDSR)."""
+    """Upsample features by `scale` in {1, 2, 3, 4, 8, ...}: conv to scale^2 channels + pixel shuffle
+    (powers of two as repeated x2 stages, as in EDSR); scale 1 is the identity."""
 
     def __init__(self, channels: int, scale: int) -> None:
-        if scale == 3:
+        if scale == 1:
+            stages = []
+        elif scale == 3:
             stages = [(3, 1)]
         elif scale >= 2 and scale & (scale - 1) == 0:
             stages = [(2, int(math.log2(scale)))]
         else:
-            raise ValueError(f"upsampling scale must be 3 or a power of two, got {scale}")
+            raise ValueError(f"upsampling scale must be 1, 3 or a power of two, got {scale}")
         layers: list[nn.Module] = []
         for factor, repeats in stages:
             for _ in range(repeats):

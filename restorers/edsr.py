@@ -1,7 +1,7 @@
 """EDSR (Lim et al., CVPRW 2017), the super-resolution network of Mustafa et al. (TIP 2020).
 
 mean shift -> head conv -> N residual blocks (no batch norm, residual scaling) + conv, with a
-global skip -> pixel-shuffle upsampler (x2/x3/x4) -> tail conv -> mean shift back.
+global skip -> pixel-shuffle upsampler (x2/x3/x4; none at x1) -> tail conv -> mean shift back.
 Input (N,C,h,w) float in [0,1] -> output (N,C,scale*h,scale*w), unclamped.
 
 `bicubic_skip` (ours, off in the paper's EDSR) adds the bicubic upsampling of the input to the
@@ -50,7 +50,8 @@ class EDSR(nn.Module):
         features = features + self.body(features)
         detail = self.tail(features)
         if self.bicubic_skip:
-            return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False) + detail
+            upscaled = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            return upscaled + detail
         return self.add_mean(detail)
 
 

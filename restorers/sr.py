@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import GradientAttack, seeded_generator
 from defenses.base import Defense
 from defenses.wavelet import wavelet_denoise
 from restorers.base import RestorerModule
@@ -57,32 +56,23 @@ class SuperResolutionRestorer(RestorerModule):
         denoise, wavelet: wavelet denoising before SR at inference and on adversarial training
             inputs; `wavelet` holds wavelet_denoise's arguments (wavelet, levels, sigma, ycbcr).
         resize: bring the SR output back to the input size at inference.
-        adversarial_share: share of each training batch replaced by adversarial images.
-        attack_eps, attack_steps: the training attack (Linf PGD with random start).
     """
 
     kind = "sr"
 
     def __init__(
         self, classifier: str, scale: int = 2, preset: str = "baseline", arch_kwargs: Optional[dict[str, Any]] = None,
-        denoise: bool = True, wavelet: Optional[dict[str, Any]] = None, resize: bool = True,
-        adversarial_share: float = 0.0, attack_eps: float = 8 / 255, attack_steps: int = 5, **kwargs: Any,
+        denoise: bool = True, wavelet: Optional[dict[str, Any]] = None, resize: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(classifier, **kwargs)
-        if not 0 <= adversarial_share <= 1:
-            raise ValueError(f"adversarial_share must be in [0, 1], got {adversarial_share}")
         self.restorer = build_edsr(preset, scale, self.hparams.in_chans, **(arch_kwargs or {}))
         self.wavelet = wavelet or {}
 
     def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        source = x
-        count = round(self.hparams.adversarial_share * len(x)) if step >= 0 else 0
-        if count:
-            with torch.enable_grad():
-                attack = GradientAttack("linf", self.hparams.attack_eps, self.hparams.attack_steps)
-                x_adv = attack(self.classifier, x[:count], y[:count], seeded_generator(x.device, step, self.global_rank))
-            denoised = wavelet_denoise(x_adv, **self.wavelet) if self.hparams.denoise else x_adv
-            source = torch.cat([denoised, x[count:]])
+        x_adv = self.adversarial_part(x, y, step)
+        if self.hparams.denoise and len(x_adv):
+            x_adv = wavelet_denoise(x_adv, **self.wavelet)
+        source = torch.cat([x_adv, x[len(x_adv):]])
         height, width = x.shape[-2:]
         low = bicubic_resize(source, (height // self.hparams.scale, width // self.hparams.scale)).clamp(0, 1)
         return low, x
@@ -101,10 +91,7 @@ class SuperResolutionRestorer(RestorerModule):
         hp = self.hparams
         return {
             "scale": hp.scale, "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": self.hparams.in_chans,
-            "denoise": hp.denoise, "wavelet": dict(self.wavelet), "resize": hp.resize,
-            "training": {"adversarial_share": hp.adversarial_share, "attack": "linf-pgd", "attack_eps": hp.attack_eps,
-                         "attack_steps": hp.attack_steps, "classifier_loss": hp.classifier_loss,
-                         "classifier_weight": hp.classifier_weight},
+            "denoise": hp.denoise, "wavelet": dict(self.wavelet), "resize": hp.resize, "training": self.training_attack(),
         }
 
 

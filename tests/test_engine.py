@@ -8,8 +8,10 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from engine import callbacks
+from engine.cli import RestorationCLI
 from engine.callbacks import TrainThroughput
 from engine.export import atomic_save, make_export
+from tests.conftest import REPO_ROOT
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path):
@@ -48,3 +50,12 @@ def test_export_records_the_commit_the_fit_started_from(monkeypatch: pytest.Monk
     export.on_fit_start(trainer, module)
     export.on_fit_end(trainer, module)
     assert torch.load(tmp_path / "model.pt", weights_only=True)["meta"]["commit"] == "commit-at-start"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
+def test_every_config_parses_against_the_signatures(config: str, capsys: pytest.CaptureFixture):
+    """A misspelt or mistyped key in any config (GPU ones included) fails here, not on a GPU node."""
+    with pytest.raises(SystemExit) as exited:
+        RestorationCLI(args=["fit", "--config", str(REPO_ROOT / "configs" / config), "--print_config"])
+    assert exited.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
