@@ -82,8 +82,9 @@ def load_exported_defense(path: str | Path, classifier: Optional[nn.Module] = No
     if str(path).endswith(".ckpt"):
         from restorers.export import module_from_checkpoint
 
-        return module_from_checkpoint(path).defense()
-    export = read_export(path)
+        export = module_from_checkpoint(path).to_export({"source_checkpoint": str(path)})
+    else:
+        export = read_export(path)
     kind = export["kind"]
     if kind == "classifier":
         raise NotAnExportError(f"'{path}' exports a classifier, not a defense; pass it as --classifier")

@@ -111,6 +111,13 @@ class RestorerModule(pl.LightningModule):
             attack = GradientAttack("linf", self.hparams.attack_eps, self.hparams.attack_steps)
             return attack(self.classifier, x[:count], y[:count], seeded_generator(x.device, step, self.global_rank))
 
+    def validation_attack(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        """The validation's gray-box adversarials (N,C,H,W) in [0,1]: Linf PGD (val_eps, val_steps)
+        against the classifier alone, seeded by the batch index."""
+        with torch.enable_grad():  # validation inside fit runs under no_grad; the attack needs gradients
+            attack = GradientAttack("linf", self.hparams.val_eps, self.hparams.val_steps)
+            return attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
+
     def training_attack(self) -> dict[str, Any]:
         """The training attack as the export records it."""
         hp = self.hparams
@@ -144,9 +151,7 @@ class RestorerModule(pl.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, y = batch
         inputs, target = self.make_pair(x, y, -1 - batch_idx)  # negative steps: evaluation draws
-        with torch.enable_grad():  # validation inside fit runs under no_grad; the attack needs gradients
-            attack = GradientAttack("linf", self.hparams.val_eps, self.hparams.val_steps)
-            x_adv = attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
+        x_adv = self.validation_attack(x, y, batch_idx)
         defense = self.defense()
         restored = self.restore(inputs).clamp(0, 1).float()
         baseline = self.input_as_image(inputs, target).clamp(0, 1).float()

@@ -53,3 +53,18 @@ class PixelShuffleUpsampler(nn.Sequential):
             for _ in range(repeats):
                 layers += [conv3x3(channels, channels * factor**2), nn.PixelShuffle(factor)]
         super().__init__(*layers)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation channel attention (Hu et al. 2018; RCAN's CA): features rescaled
+    per channel by a gate computed from their global average."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1), nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
