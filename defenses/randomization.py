@@ -54,7 +54,7 @@ class StructuredRandomization(Defense):
     """SRd alone as a defense: randomize, then resize back to the input size (bicubic).
 
     min_size, max_size: range of the random low-resolution side (e.g. 16..28 for 32 px images);
-    max_shift: largest circular shift in low-resolution pixels; mode: the downsampling interpolation.
+    max_shift: largest circular shift in input pixels; mode: the downsampling interpolation.
     """
 
     randomized = True
@@ -70,13 +70,17 @@ class StructuredRandomization(Defense):
     def spec(self) -> dict[str, Any]:
         return {"name": "srd", "min_size": self.min_size, "max_size": self.max_size, "max_shift": self.max_shift, "mode": self.mode}
 
-    def draw(self, count: int, device: torch.device) -> tuple[int, Tensor]:
-        """A fresh draw (side, (count,2) shifts) from the defense's generator on `device`."""
-        return draw_structure(count, self.generator(device), self.min_size, self.max_size, self.max_shift)
+    def draw(self, count: int, generator: torch.Generator) -> tuple[int, Tensor]:
+        """A draw (side, (count,2) shifts) from `generator`, on its device."""
+        return draw_structure(count, generator, self.min_size, self.max_size, self.max_shift)
+
+    def apply(self, x: Tensor, side: int, shifts: Tensor) -> Tensor:
+        """SRd with a given draw, resized back: x (N,C,H,W) in [0,1] -> (N,C,H,W) in [0,1]."""
+        return upsample(randomize_structure(x, side, shifts, self.mode), x.shape[-2:])
 
     def randomize(self, x: Tensor) -> Tensor:
-        """The low-resolution randomized image (N,C,s,s) in [0,1]."""
-        return randomize_structure(x, *self.draw(len(x), x.device), self.mode)
+        """The low-resolution randomized image (N,C,s,s) in [0,1], a fresh draw of the defense's generator."""
+        return randomize_structure(x, *self.draw(len(x), self.generator(x.device)), self.mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        return upsample(self.randomize(x), x.shape[-2:])
+        return self.apply(x, *self.draw(len(x), self.generator(x.device)))

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from defenses.randomization import StructuredRandomization, circular_shift, draw_structure, randomize_structure, upsample
+from defenses.randomization import StructuredRandomization, circular_shift
 from engine.seeding import seeded_generator
 from restorers.base import RestorerModule
 from restorers.edsr import EDSR, build_edsr
@@ -76,11 +76,8 @@ class RainRestorer(RestorerModule):
     def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         x_adv = self.adversarial_part(x, y, step)
         source = torch.cat([x_adv, x[len(x_adv):]])
-        srd = self.srd
-        generator = seeded_generator(x.device, step, self.global_rank, _SRD_STREAM)
-        side, shifts = draw_structure(len(x), generator, srd.min_size, srd.max_size, srd.max_shift)
-        inputs = upsample(randomize_structure(source, side, shifts, srd.mode), x.shape[-2:])
-        return inputs, circular_shift(x, shifts)
+        side, shifts = self.srd.draw(len(x), seeded_generator(x.device, step, self.global_rank, _SRD_STREAM))
+        return self.srd.apply(source, side, shifts), circular_shift(x, shifts)
 
     def restore(self, inputs: Tensor) -> Tensor:
         return self.restorer(inputs)
