@@ -118,6 +118,11 @@ class RestorerModule(pl.LightningModule):
             attack = GradientAttack("linf", self.hparams.val_eps, self.hparams.val_steps)
             return attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
 
+    def evaluation_pair(self, x: Tensor, y: Tensor, x_adv: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The (inputs, target) whose PSNR/SSIM validation reports: make_pair at a negative step
+        (evaluation draws, no training attack); restorers of adversarial inputs use x_adv instead."""
+        return self.make_pair(x, y, -1 - batch_idx)
+
     def training_attack(self) -> dict[str, Any]:
         """The training attack as the export records it."""
         hp = self.hparams
@@ -150,8 +155,8 @@ class RestorerModule(pl.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, y = batch
-        inputs, target = self.make_pair(x, y, -1 - batch_idx)  # negative steps: evaluation draws
         x_adv = self.validation_attack(x, y, batch_idx)
+        inputs, target = self.evaluation_pair(x, y, x_adv, batch_idx)
         defense = self.defense()
         restored = self.restore(inputs).clamp(0, 1).float()
         baseline = self.input_as_image(inputs, target).clamp(0, 1).float()

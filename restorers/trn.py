@@ -17,8 +17,8 @@ Training step, top-down: clean batch -> on-the-fly attacks against the frozen cl
 `adversarial_share` of the batch, split evenly over `attack_mix`, each with its own epsilon drawn
 uniformly in (0, attack_eps]; the rest stays clean so benign accuracy holds) -> gradient maps ->
 TRN -> L1 to the clean image + the classifier's loss on the restored image -> logs. Validation
-restores the gray-box PGD adversarials of the base module (PSNR of input and output are then
-measured against the clean image on adversarial inputs).
+restores the base module's gray-box PGD adversarials (`evaluation_pair`), so its PSNR of input
+and output are measured against the clean image on adversarial inputs.
 
 Defense (TrnDefense): gradient estimation -> TRN -> classifier. When its input requires a gradient
 (a white-box attacker), the gradient map is built with create_graph, so attacks differentiate
@@ -140,9 +140,16 @@ class TrnRestorer(RestorerModule):
         return torch.cat([*parts, x[count:]])
 
     def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        attacked = self.attack_mixture(x, y, step) if step >= 0 else self.validation_attack(x, y, -1 - step)
-        gradient = gradient_map(self.classifier, attacked, self.hparams.labelling, self.hparams.top_k, self.hparams.sign, self.hparams.normalize)
-        return torch.cat([attacked, gradient.to(attacked.dtype)], dim=1), x
+        return self._two_streams(self.attack_mixture(x, y, step)), x
+
+    def evaluation_pair(self, x: Tensor, y: Tensor, x_adv: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        return self._two_streams(x_adv), x  # validation restores its own gray-box adversarials
+
+    def _two_streams(self, attacked: Tensor) -> Tensor:
+        """attacked (N,C,H,W) in [0,1] -> (N,2C,H,W): the image and its estimated gradient map."""
+        hp = self.hparams
+        gradient = gradient_map(self.classifier, attacked, hp.labelling, hp.top_k, hp.sign, hp.normalize)
+        return torch.cat([attacked, gradient.to(attacked.dtype)], dim=1)
 
     def restore(self, inputs: Tensor) -> Tensor:
         image, gradient = inputs.chunk(2, dim=1)
