@@ -60,6 +60,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--transfer-from", help="source classifier for the transfer threat model")
     parser.add_argument("--eot", type=int, default=20, help="gradient draws per step against randomized defenses")
     parser.add_argument("--eval-draws", type=int, default=5, help="evaluations averaged per image for randomized defenses")
+    parser.add_argument(
+        "--sanity-images", type=int, default=SANITY_IMAGES,
+        help="images of the large-budget sanity attacks (0 skips them, and the results say so); costly defenses want fewer",
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="32", choices=["32", "bf16"], help="classifier forward precision (attack losses stay fp32)")
@@ -67,8 +71,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.eot < 1 or args.eval_draws < 1 or args.batch_size < 1:
-        parser.error("--eot, --eval-draws and --batch-size must be >= 1")
+    if args.eot < 1 or args.eval_draws < 1 or args.batch_size < 1 or args.sanity_images < 0:
+        parser.error("--eot, --eval-draws and --batch-size must be >= 1, --sanity-images >= 0")
     return args
 
 
@@ -128,11 +132,13 @@ def run_rows(
     return rows, list(dict.fromkeys(skipped))
 
 
-def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str) -> list[Row]:
-    """PGD-20 at a large budget on a few images: undefended, and through each defense adaptively."""
+def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str, count: int) -> list[Row]:
+    """PGD-20 at a large budget on the first `count` images: undefended, and through each defense adaptively."""
+    if count == 0:
+        return []
     eps, label = parse_eps(SANITY_EPS[norm])
     small = Evaluator(
-        evaluator.classifier, evaluator.images[:SANITY_IMAGES], evaluator.labels[:SANITY_IMAGES], seed=evaluator.seed,
+        evaluator.classifier, evaluator.images[:count], evaluator.labels[:count], seed=evaluator.seed,
         batch_size=evaluator.batch_size, eval_draws=evaluator.eval_draws, eot=evaluator.eot,
     )
     rows = [small.attack(Identity(), THREATS["none"], "pgd20", norm, eps, label)]
@@ -199,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
     rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets)
     progress.close()
-    large_eps = sanity_rows(evaluator, defenses, args.norm)
+    large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images)
     zero_gradients = zero_gradient_shares(evaluator, defenses, threats)
 
     results = {
@@ -211,14 +217,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "classifier_sha256": file_sha256(args.classifier)[:16], "transfer_from": args.transfer_from,
             "data": args.data, "data_root": args.data_root, "n": len(labels), "seed": args.seed,
             "index_hash": record["hash"], "norm": args.norm, "eot": args.eot, "eval_draws": args.eval_draws,
-            "precision": args.precision, "batch_size": args.batch_size,
+            "precision": args.precision, "batch_size": args.batch_size, "sanity_images": args.sanity_images,
             "defenses": [defense.spec() for defense in defenses],
         },
         "threat_models": {name: threat.description for name, threat in THREATS.items()},
         "rows": [row.record() for row in rows],
         "worst_case": worst_case(rows, args.data, Path(args.classifier).stem),
         "sanity": {"large_eps_rows": [row.record() for row in large_eps], "zero_gradient_share": zero_gradients},
-        "warnings": sanity_warnings(rows, large_eps, zero_gradients),
+        "warnings": sanity_warnings(rows, large_eps, zero_gradients)
+        + (["the large-budget sanity attacks were skipped (--sanity-images 0)"] if not args.sanity_images else []),
         "skipped": [dataclasses.asdict(item) for item in skipped],
     }
     example = pick_example_row(rows)

@@ -1,6 +1,7 @@
 """Build a defense by name, from a spec string, or from an exported restorer file.
 
     jpeg:quality=75        median:kernel=3        wavelet:sigma=0.04,wavelet=db2
+    configs/defenses/dip_cifar10.yaml             (a YAML file holding one spec: name: dip, iterations: ...)
     checkpoints/sr_cifar10.pt                     (a restorer's export, kind in EXPORTED_DEFENSES)
     runs/sr_cifar10/checkpoints/last.ckpt         (a restorer's Lightning checkpoint)
 
@@ -16,6 +17,8 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from defenses.base import Defense
+from defenses.cii import CIIDefence
+from defenses.dip import DipDefense
 from defenses.randomization import StructuredRandomization
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise
@@ -30,6 +33,8 @@ DEFENSES: dict[str, type[Defense]] = {
     "wavelet": WaveletDenoise,
     "random_resize_pad": RandomResizePad,
     "srd": StructuredRandomization,
+    "cii": CIIDefence,
+    "dip": DipDefense,
 }
 
 # Export kind -> builder(export dict, frozen classifier) for trained restorers; `restorers/__init__.py`
@@ -37,6 +42,7 @@ DEFENSES: dict[str, type[Defense]] = {
 EXPORTED_DEFENSES: dict[str, Callable[[dict[str, Any], Optional[nn.Module]], Defense]] = {}
 
 EXPORT_SUFFIXES = (".pt", ".pth", ".ckpt")
+SPEC_SUFFIXES = (".yaml", ".yml")
 
 
 def _literal(text: str) -> Any:
@@ -93,8 +99,22 @@ def load_exported_defense(path: str | Path, classifier: Optional[nn.Module] = No
     return EXPORTED_DEFENSES[kind](export, classifier)
 
 
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A defense spec from a YAML file: a mapping with `name` and the defense's arguments."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"defense spec file '{path}' not found")
+    spec = yaml.safe_load(Path(path).read_text())
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"'{path}' must hold a mapping with `name` (one of {sorted(DEFENSES)}) and its arguments")
+    return spec
+
+
 def make_defense(text: str, classifier: Optional[nn.Module] = None) -> Defense:
-    """A defense from a spec string or an export file path (see module docstring)."""
+    """A defense from a spec string, a YAML spec file or an export file path (see module docstring)."""
+    if text.endswith(SPEC_SUFFIXES):
+        return build_defense(read_spec_file(text), classifier)
     if text.endswith(EXPORT_SUFFIXES) or Path(text).is_file():
         return load_exported_defense(text, classifier)
     return build_defense(parse_spec(text), classifier)

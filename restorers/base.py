@@ -87,6 +87,11 @@ class RestorerModule(pl.LightningModule):
         """The defense this restorer gives at inference (sharing this module's weights)."""
         raise NotImplementedError
 
+    def restoration_loss(self, restored: Tensor, target: Tensor, inputs: Tensor) -> Tensor:
+        """L1 between the restored image and the target, over every pixel (restorers that change only
+        some pixels average over those instead)."""
+        return F.l1_loss(restored.float(), target.float())
+
     def export_model(self) -> dict[str, Any]:
         """Everything that rebuilds the defense from the export file, except the weights."""
         raise NotImplementedError
@@ -141,7 +146,7 @@ class RestorerModule(pl.LightningModule):
         x, y = batch
         inputs, target = self.make_pair(x, y, self.global_step)
         restored = self.restore(inputs)
-        restoration = F.l1_loss(restored.float(), target.float())
+        restoration = self.restoration_loss(restored, target, inputs)
         in_the_loop = self.classifier_loss(restored, x, y) if self.hparams.classifier_weight else restoration.new_zeros(())
         loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
         self.log_dict({"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True)
