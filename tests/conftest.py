@@ -51,6 +51,16 @@ def fit(tmp_path: Path, name: str, *extra: str, shrink: list[str] = SMALL_RUN) -
     return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *shrink, *run_dirs(tmp_path, name), *extra])
 
 
+def restorer_args(config: str, victim: Path, root: Path, name: str, steps: int, *extra: str) -> list[str]:
+    """`train.py fit` arguments: a tiny restorer config on the embedded shapes, shrunk to `steps`
+    steps of 32 images (one epoch), against `victim`."""
+    return [
+        "fit", "--config", config, *QUIET, *run_dirs(root, name), "--model.init_args.classifier", str(victim),
+        "--data.init_args.num_train", str(32 * steps), "--data.init_args.num_test", "500", "--data.init_args.val_images", "200",
+        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", *extra,
+    ]
+
+
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """A project script in a fresh Python process (needed where Lightning launches processes)."""
     return subprocess.run(

@@ -17,7 +17,7 @@ from engine.cli import RestorationCLI
 from restorers import InpaintingNetwork
 from restorers.export import module_from_checkpoint
 from restorers.inpainter import smooth_fill
-from tests.conftest import QUIET, REPO_ROOT, run_dirs
+from tests.conftest import QUIET, REPO_ROOT, restorer_args, run_dirs
 
 CII_CONFIG = str(REPO_ROOT / "configs" / "cii_shapes.yaml")
 TELEA_CONFIG = str(REPO_ROOT / "configs" / "defenses" / "cii_telea_cifar10.yaml")
@@ -141,11 +141,7 @@ def test_smooth_fill_is_a_local_mean_of_the_known_pixels():
 def cii_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RestorationCLI]:
     """A few steps of the tiny CII inpainter config against the quick-start victim: the mechanics."""
     root = tmp_path_factory.mktemp("cii")
-    cli = RestorationCLI(args=[
-        "fit", "--config", CII_CONFIG, *QUIET, *run_dirs(root, "cii"), "--model.init_args.classifier", str(shapes_victim),
-        "--data.init_args.num_train", str(32 * STEPS), "--data.init_args.num_test", "500", "--data.init_args.val_images", "100",
-        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", "--model.init_args.lr", "0.005",
-    ])
+    cli = RestorationCLI(args=restorer_args(CII_CONFIG, shapes_victim, root, "cii", STEPS, "--model.init_args.lr", "0.005"))
     return root, cli
 
 

@@ -50,6 +50,19 @@ def test_dip_fits_a_tiny_image_and_returns_a_valid_one(shapes_victim: Path):
     assert not valid[0].any() and valid[1:].all()  # the warm-up record does not count
 
 
+def test_psnr_stopping_ends_each_trajectory_and_then_the_fit(shapes_victim: Path):
+    images, _ = render_shapes(2, seed=2)
+    x = images.float()[:, :, :16, :16] / 255
+    defense = DipDefense(load_classifier(shapes_victim), iterations=400, record_every=10, warmup_records=1, stop_psnr=18.0)
+    records, _, valid = defense.fit(x)
+    psnr = -10 * torch.log10((records - x).square().flatten(2).mean(2))
+    assert len(records) < 40  # every trajectory passed 18 dB (smoothed) before the budget ran out
+    counted = valid[1:].long()  # after the one warm-up record: counted up to its stop, never after
+    assert (counted.sum(0) >= 1).all() and (counted.cummin(0).values == counted).all()
+    stopped_at = counted.sum(0)  # index in records of each image's last counted record
+    assert (psnr[stopped_at, torch.arange(2)] > 15).all()
+
+
 def test_stitching_follows_the_trajectory():
     """A trajectory that keeps its label gives the last record; one that crosses into the input's
     label after holding another gives the on-manifold records and the stepped boundary record."""

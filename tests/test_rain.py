@@ -13,7 +13,7 @@ from defenses import DefendedClassifier, make_defense
 from engine.cli import RestorationCLI
 from restorers import RainDefense
 from restorers.export import module_from_checkpoint
-from tests.conftest import QUIET, REPO_ROOT, run_dirs
+from tests.conftest import REPO_ROOT, restorer_args
 
 RAIN_CONFIG = str(REPO_ROOT / "configs" / "rain_shapes.yaml")
 STEPS = 100
@@ -23,12 +23,10 @@ STEPS = 100
 def rain_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RestorationCLI]:
     """100 steps of the tiny RAIN config, restoration loss only, against the quick-start victim."""
     root = tmp_path_factory.mktemp("rain")
-    cli = RestorationCLI(args=[
-        "fit", "--config", RAIN_CONFIG, *QUIET, *run_dirs(root, "rain"), "--model.init_args.classifier", str(shapes_victim),
-        "--data.init_args.num_train", str(32 * STEPS), "--data.init_args.num_test", "500", "--data.init_args.val_images", "200",
-        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1",
+    cli = RestorationCLI(args=restorer_args(
+        RAIN_CONFIG, shapes_victim, root, "rain", STEPS,
         "--model.init_args.classifier_weight", "0.0", "--model.init_args.adversarial_share", "0.0",
-    ])
+    ))
     return root, cli
 
 

@@ -14,7 +14,7 @@ from defenses import make_defense
 from defenses.gradient_map import gradient_map
 from engine.cli import RestorationCLI
 from restorers import TrnDefense, TrnRestorer
-from tests.conftest import QUIET, REPO_ROOT, run_dirs, run_script
+from tests.conftest import REPO_ROOT, restorer_args, run_script
 
 TRN_CONFIG = str(REPO_ROOT / "configs" / "trn_shapes.yaml")
 EPS = 8 / 255
@@ -22,11 +22,7 @@ EPS = 8 / 255
 
 def trn_args(victim: Path, root: Path, name: str, steps: int, *extra: str) -> list[str]:
     """The tiny TRN config shrunk to `steps` steps of 32 images, against the quick-start victim."""
-    return [
-        "fit", "--config", TRN_CONFIG, *QUIET, *run_dirs(root, name), "--model.init_args.classifier", str(victim),
-        "--data.init_args.num_train", str(32 * steps), "--data.init_args.num_test", "500", "--data.init_args.val_images", "200",
-        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", *extra,
-    ]
+    return restorer_args(TRN_CONFIG, victim, root, name, steps, *extra)
 
 
 @pytest.fixture(scope="module")
