@@ -83,6 +83,11 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
+def resolve_device(text: str) -> torch.device:
+    """'auto' -> CUDA when there is one, else the CPU; anything else as torch names it ('cpu', 'cuda:1')."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text)
+
+
 def load_subset(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(images (n,C,H,W) float in [0,1] on device, labels (n,), the index record)."""
     options = {"root": args.data_root} if args.data_root else {}
@@ -186,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
     out = prepare_out(Path(args.out), args.overwrite)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     threats = parse_threats(args.threats)
     attacks = [name.strip() for name in args.attacks.split(",") if name.strip()]
     for name in attacks:

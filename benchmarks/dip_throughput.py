@@ -21,8 +21,7 @@ import torch
 from classifiers import load_classifier
 from defenses import make_defense
 from engine.export import environment_meta
-from eval import DATASETS
-from evaluation.subset import balanced_indices
+from eval import DATASETS, load_subset, resolve_device
 
 
 def timed(device: torch.device, run: Callable[[], object]) -> float:
@@ -41,13 +40,13 @@ def main() -> None:
     parser.add_argument("--defense", default="configs/defenses/dip_cifar10.yaml", help="a dip spec or spec file")
     parser.add_argument("--data", default="cifar10", choices=sorted(DATASETS))
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--batch", type=int, default=500, help="images fitted together")
+    parser.add_argument("--batch", dest="n", type=int, default=500, help="images fitted together")
     parser.add_argument("--single", type=int, default=20, help="images fitted one at a time")
     parser.add_argument("--device", default="auto")
+    parser.set_defaults(seed=0, indices=None)  # eval.py's class-balanced subset for seed 0
     args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    split = DATASETS[args.data](**({"root": args.data_root} if args.data_root else {})).load_split("test")
-    x = (split.images[balanced_indices(split.labels, args.batch, 0)].float() / 255).to(device)
+    device = resolve_device(args.device)
+    x, _, _ = load_subset(args, device)
     defense = make_defense(args.defense, load_classifier(args.classifier).to(device)).to(device).eval()
     defense.reseed(0)
     defense(x[: min(4, len(x))])  # warm-up: kernels, allocator

@@ -148,9 +148,12 @@ class CIIDefence(Defense):
         return self.purify(x, self.masks(x), differentiable=True)
 
     def bpda(self, x: Tensor) -> Tensor:
-        """The defense on the forward pass, the fixed-mask surrogate's gradient (one mask for both)."""
+        """The defense on the forward pass, the fixed-mask surrogate's gradient (one mask for both).
+        With a differentiable inpainter the surrogate is the defense itself, so it runs once."""
         masks = self.masks(x)
+        stand_in = self.purify(x, masks, differentiable=True)
+        if self.inpainter.differentiable:
+            return stand_in
         with torch.no_grad():
             output = self.purify(x, masks)
-        stand_in = self.purify(x, masks, differentiable=True)
         return stand_in + (output - stand_in).detach()
