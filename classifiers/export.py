@@ -22,7 +22,7 @@ def classifier_from_spec(spec: dict[str, Any], state_dict: dict[str, Any]) -> Fr
     """Rebuild a frozen classifier from its spec (CLASSIFIER_SPEC_KEYS) and network weights (strict)."""
     net = build_classifier(spec["arch"], spec["num_classes"], spec["in_chans"], **(spec["arch_kwargs"] or {}))
     net.load_state_dict(state_dict, strict=True)
-    return FrozenClassifier(net, spec["mean"], spec["std"])
+    return FrozenClassifier(net, spec["mean"], spec["std"], spec=spec)
 
 
 def _from_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Classifiers that take [0,1] images: normalization inside, and a frozen variant for loss loops."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +35,18 @@ class FrozenClassifier(NormalizedClassifier):
     optimizer updates it and DDP does not try to reduce it), and it stays in eval mode even when
     a parent module or an attack library calls `.train()` (BatchNorm keeps its running
     statistics). Gradients with respect to the input still flow.
+
+    spec: what rebuilt it (classifiers.victim.CLASSIFIER_SPEC_KEYS: arch, num_classes, in_chans,
+    ...) when it came from a file, so that its users can check it against their data without
+    running it, on whatever device it sits.
     """
 
-    def __init__(self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+    def __init__(
+        self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+        spec: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__(net, mean, std)
+        self.spec = dict(spec) if spec is not None else None
         self.requires_grad_(False)
         super().train(False)
 

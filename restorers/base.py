@@ -67,6 +67,7 @@ class RestorerModule(pl.LightningModule):
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.classifier = load_classifier(classifier)
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
+        self._check_classifier()
         self.psnr_in, self.psnr_out = (PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) for _ in range(2))
         self.ssim_in, self.ssim_out = (StructuralSimilarityIndexMeasure(data_range=1.0) for _ in range(2))
 
@@ -97,14 +98,18 @@ class RestorerModule(pl.LightningModule):
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        with torch.no_grad():
-            logits = self.classifier(torch.zeros(1, self.hparams.in_chans, 32, 32, device=self.device))
-        if logits.shape[1] != self.hparams.num_classes:
-            raise ValueError(
-                f"the classifier {self.victim['path']} has {logits.shape[1]} classes, the data {self.hparams.num_classes}: "
-                "train the restorer on the data its victim was trained on"
-            )
+    def _check_classifier(self) -> None:
+        """The victim must take the data's channels and predict its classes. Read from the victim
+        file's spec, not from a forward pass: no device is involved, and it fails before the Trainer
+        starts (a probe in `setup` once met the classifier still on the CPU while `self.device`
+        already said cuda)."""
+        for key, what in (("num_classes", "classes"), ("in_chans", "channels")):
+            theirs, ours = self.classifier.spec[key], self.hparams[key]
+            if theirs != ours:
+                raise ValueError(
+                    f"the classifier {self.victim['path']} has {theirs} {what}, the data {ours}: "
+                    "train the restorer on the data its victim was trained on"
+                )
 
     def adversarial_part(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)
