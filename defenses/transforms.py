@@ -46,8 +46,16 @@ class Jpeg(Defense):
         return {"name": "jpeg", "quality": self.quality}
 
     def forward(self, x: Tensor) -> Tensor:
-        encoded = encode_jpeg(list(to_uint8(x)), quality=self.quality)
-        return torch.stack(decode_jpeg(encoded, device=x.device)).to(x.dtype) / 255
+        encoded = encode_jpeg(list(to_uint8(x)), quality=self.quality)  # on x's device
+        # decode_jpeg reads the bytes from the CPU whatever device it decodes on (torchvision 0.26-0.29)
+        return torch.stack(decode_jpeg(bytes_on_cpu(encoded), device=x.device)).to(x.dtype) / 255
+
+
+def bytes_on_cpu(streams: list[Tensor]) -> list[Tensor]:
+    """Encoded images (1-D uint8 tensors, any device) on the CPU, in one copy for the whole batch."""
+    if all(stream.device.type == "cpu" for stream in streams):
+        return streams
+    return list(torch.cat(streams).cpu().split([len(stream) for stream in streams]))
 
 
 class BitDepth(Defense):
