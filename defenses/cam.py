@@ -71,16 +71,37 @@ def locate_cam_layers(classifier: nn.Module, x: Tensor, layer: Optional[str] = N
     features, feature_map = maps[-1]
     if linears:
         head, pooled = linears[-1]
-        if pooled.dim() == 2 and pooled.shape == feature_map.shape[:2]:
-            if torch.allclose(feature_map.float().mean((2, 3)), pooled.float(), rtol=1e-3, atol=1e-4):
-                return CamLayers(features, head)
+        if pooled.dim() == 2 and pooled.shape == feature_map.shape[:2] and _is_mean(feature_map, pooled):
+            return CamLayers(features, head)
     return CamLayers(features, None)
 
 
-def _capture(classifier: nn.Module, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(logits (N,K), the module's output) from one forward pass."""
+def _is_mean(feature_map: Tensor, pooled: Tensor) -> bool:
+    """Whether pooled (N,K) is the spatial mean of feature_map (N,K,h,w), up to the rounding of the
+    lower of their precisions: under bf16 autocast the pooled vector is rounded to 8 bits of mantissa,
+    so a fixed fp32 tolerance would send a pooling head to Grad-CAM on the GPU only."""
+    resolution = max(torch.finfo(feature_map.dtype).eps, torch.finfo(pooled.dtype).eps)
+    rtol = max(1e-3, 4 * resolution)
+    return torch.allclose(feature_map.float().mean((2, 3)), pooled.float(), rtol=rtol, atol=rtol / 10)
+
+
+def _capture(classifier: nn.Module, module: nn.Module, x: Tensor, as_leaf: bool = False) -> tuple[Tensor, Tensor]:
+    """(logits (N,K), the module's output) from one forward pass.
+
+    as_leaf: the output is captured as a leaf that requires grad, and the rest of the network runs
+    on a copy of it, so that logits can be differentiated with respect to it even when nothing
+    upstream requires grad (a frozen classifier on a detached input); the copy leaves in-place
+    layers after the module free to modify it.
+    """
     captured: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+        if as_leaf:
+            output = output.detach().requires_grad_(True)
+        captured.append(output)
+        return output.clone() if as_leaf else output
+
+    handle = module.register_forward_hook(hook)
     try:
         logits = classifier(x)
     finally:
@@ -109,7 +130,7 @@ def class_activation_maps(classifier: nn.Module, x: Tensor, top_classes: int, la
 def _grad_cam(classifier: nn.Module, x: Tensor, top_classes: int, features: nn.Module) -> tuple[Tensor, Tensor]:
     """Grad-CAM maps (N,top,h,w) at the feature map's resolution, and the classes (N,top)."""
     with torch.enable_grad():
-        logits, feature_map = _capture(classifier, features, x)
+        logits, feature_map = _capture(classifier, features, x, as_leaf=True)
         classes = logits.topk(top_classes, dim=1).indices.detach()
         maps = []
         for rank in range(top_classes):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eval as evaluator_cli
-from classifiers import load_classifier
+from classifiers import FrozenClassifier, load_classifier
 from classifiers.factory import build_classifier
 from datamodules import render_shapes
 from defenses import CIIDefence, TeleaInpainter, make_defense
@@ -91,6 +91,49 @@ def test_cam_layers_of_our_victims():
         assert layers.head is net.head, arch
     with pytest.raises(ValueError, match="no module 'nope'"):
         locate_cam_layers(net, images, layer="nope")
+
+
+def test_grad_cam_works_on_a_frozen_classifier():
+    """Training and eval.py hand CIIDefence a FrozenClassifier (no parameter requires grad) and a
+    detached input: Grad-CAM must still differentiate the scores with respect to the feature map."""
+    detector = RedDetector("max").eval()  # a max-pooling head: Grad-CAM, not CAM
+    frozen = FrozenClassifier(RedDetector("max"), mean=[0.0] * 3, std=[1.0] * 3)
+    frozen.net.load_state_dict(detector.state_dict())
+    images, centres = planted_red_patches(8)
+    layers = locate_cam_layers(frozen, images[:1])
+    assert layers.head is None
+    maps, _ = class_activation_maps(frozen, images.detach(), 1, layers)
+    peaks = peak_coordinates(maps[:, 0], 1, 0)[:, 0].float()
+    assert ((peaks - centres).abs() <= 2).all(), (peaks, centres)
+    masks = CIIDefence(frozen, top_classes=2, maxima=2, half_width=1).masks(images)
+    assert torch.equal(masks, CIIDefence(detector, top_classes=2, maxima=2, half_width=1).masks(images))
+
+
+class PooledFeatures(nn.Module):
+    """Large features (tens) pooled by their spatial mean into a linear head: under bf16 autocast the
+    pooled vector carries bf16 rounding (2^-8 relative), far above an fp32 tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.conv.weight.normal_(0, 8).add_(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_a_pooling_head_is_recognised_under_bf16_autocast():
+    """On a GPU with bf16-mixed, the CAM head went unrecognised and CIIDefence fell back to Grad-CAM."""
+    torch.manual_seed(0)
+    model, images = PooledFeatures().eval(), torch.rand(2, 3, 16, 16)
+    assert locate_cam_layers(model, images).head is model.head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers = locate_cam_layers(model, images)
+        maps, _ = class_activation_maps(model, images, 2, layers)
+    assert layers.head is model.head and maps.shape == (2, 2, 16, 16)
 
 
 def test_peaks_and_masks_have_the_configured_boxes():
