@@ -76,7 +76,7 @@ class _SplitDataset(Dataset):
         return len(self.split.labels)
 
     def __getitems__(self, indices: list[int]) -> SplitBatch:
-        index = torch.tensor(indices, dtype=torch.long)
+        index = torch.tensor(indices, dtype=torch.long, device="cpu")
         if self.indices_only:
             return SplitBatch(self.name, index)
         return SplitBatch(self.name, index, self.split.images[index], self.split.labels[index])
@@ -222,7 +222,7 @@ class TensorImageDataModule(pl.LightningDataModule):
         if self._augmentation is None or self._augmentation[:2] != (epoch, device):
             n = len(self.splits["train"].labels)
             g = seeded_generator("cpu", self.seed, epoch)
-            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
-            flips = (torch.rand(n, generator=g) < 0.5) & self.flip
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g, device=g.device)
+            flips = (torch.rand(n, generator=g, device=g.device) < 0.5) & self.flip
             self._augmentation = (epoch, device, offsets.to(device), flips.to(device))
         return self._augmentation[2], self._augmentation[3]

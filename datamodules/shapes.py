@@ -60,7 +60,7 @@ _SHAPE_SDF: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def _uniform(g: torch.Generator, n: int, low: float, high: float, *shape: int) -> Tensor:
-    return torch.rand(n, *shape, generator=g) * (high - low) + low
+    return torch.rand(n, *shape, generator=g, device=g.device) * (high - low) + low
 
 
 def _stripes(g: torch.Generator, n: int, ys: Tensor, xs: Tensor, max_amplitude: float) -> Tensor:
@@ -82,8 +82,8 @@ def _ramp(g: torch.Generator, n: int, ys: Tensor, xs: Tensor, size: int) -> Tens
 
 def _colours(g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
     """Background and foreground RGB colours, (n,3,1,1) each, at least 0.35 apart in RGB."""
-    background = torch.rand(n, 3, generator=g) * 0.8 + 0.1
-    foreground = torch.rand(n, 3, generator=g) * 0.8 + 0.1
+    background = torch.rand(n, 3, generator=g, device=g.device) * 0.8 + 0.1
+    foreground = torch.rand(n, 3, generator=g, device=g.device) * 0.8 + 0.1
     too_close = (foreground - background).norm(dim=1, keepdim=True) < 0.35
     pushed = background + 0.45 * torch.sign(0.5 - background)
     foreground = torch.where(too_close, pushed, foreground)
@@ -109,8 +109,8 @@ def render_shapes(num_images: int, seed: int, image_size: int = 32) -> tuple[Ten
         raise ValueError(f"need num_images >= 1 and image_size >= 16, got {num_images}, {image_size}")
     g = torch.Generator().manual_seed(seed)
     n, size = num_images, image_size
-    labels = (torch.arange(n) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g)]
-    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    labels = (torch.arange(n, device=g.device) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g, device=g.device)]
+    ys, xs = torch.meshgrid(torch.arange(size, device=g.device) + 0.5, torch.arange(size, device=g.device) + 0.5, indexing="ij")
     ys, xs = ys.expand(n, 1, size, size), xs.expand(n, 1, size, size)
 
     centre = size / 2 + _uniform(g, n, -0.15 * size, 0.15 * size, 2, 1, 1)

@@ -24,14 +24,14 @@ def balanced_indices(labels: Tensor, n: int, seed: int) -> Tensor:
     if n < 1 or n > len(labels):
         raise ValueError(f"n must be in 1..{len(labels)} (the test split's size), got {n}")
     generator = seeded_generator("cpu", seed)
-    quota = torch.full((len(classes),), n // len(classes))
-    quota[torch.randperm(len(classes), generator=generator)[: n % len(classes)]] += 1
+    quota = torch.full((len(classes),), n // len(classes), device="cpu")
+    quota[torch.randperm(len(classes), generator=generator, device="cpu")[: n % len(classes)]] += 1
     chosen = []
     for label, count in zip(classes.tolist(), quota.tolist()):
         members = (labels == label).nonzero().flatten()
         if count > len(members):
             raise ValueError(f"class {label} has {len(members)} test images, fewer than the {count} a balanced n={n} needs")
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+        chosen.append(members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)[:count]])
     return torch.cat(chosen).sort().values
 
 
@@ -50,7 +50,7 @@ def read_index_record(path: str | Path, dataset: str, split_size: int) -> Tensor
     record = json.loads(Path(path).read_text())
     if record.get("dataset") != dataset:
         raise ValueError(f"'{path}' lists images of {record.get('dataset')!r}, not {dataset!r}")
-    indices = torch.tensor(record["indices"], dtype=torch.int64)
+    indices = torch.tensor(record["indices"], dtype=torch.int64, device="cpu")
     if record.get("hash") != index_hash(dataset, indices):
         raise ValueError(f"'{path}': the index list does not match its recorded hash; it was edited or damaged")
     if len(indices) and (indices.min() < 0 or indices.max() >= split_size):

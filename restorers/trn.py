@@ -128,7 +128,8 @@ class TrnRestorer(RestorerModule):
         hp = self.hparams
         count = round(hp.adversarial_share * len(x))
         # Epsilons come from a CPU generator: Python floats without a device sync.
-        eps = ((1 - torch.rand(len(hp.attack_mix), generator=seeded_generator("cpu", step, self.global_rank, _EPS_STREAM))) * hp.attack_eps).tolist()
+        cpu_generator = seeded_generator("cpu", step, self.global_rank, _EPS_STREAM)
+        eps = ((1 - torch.rand(len(hp.attack_mix), generator=cpu_generator, device="cpu")) * hp.attack_eps).tolist()
         generator = seeded_generator(x.device, step, self.global_rank)
         bounds = [count * i // len(hp.attack_mix) for i in range(len(hp.attack_mix) + 1)]
         parts = []

@@ -1,17 +1,48 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
+import torch
 
 from engine.cli import RestorationCLI
+from tests.device_audit import implicit_device_audit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CIFAR_TARBALL = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+# ../shared/data beside the checkout; .data/ inside it (git-ignored) where ../shared does not travel (a GPU machine).
+CIFAR_TARBALLS = (REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz", REPO_ROOT / ".data" / "cifar10-jpg.tar.gz")
 QUICKSTART_CONFIG = str(REPO_ROOT / "configs" / "victim_shapes.yaml")
+GPU_TIER_ON_CPU = "RD_GPU_TIER_ON_CPU"  # =1: run the gpu tier on the CPU (a dry run of its logic, not of any device)
+
+
+def gpu_tier_device() -> Optional[torch.device]:
+    """The device the `gpu` tier runs on: CUDA when present, the CPU when asked for a dry run, else None."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if os.environ.get(GPU_TIER_ON_CPU) == "1" else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, saying why, where there is no CUDA device (CI)."""
+    if gpu_tier_device() is not None:
+        return
+    skip = pytest.mark.skip(reason=f"gpu tier: no CUDA device here (run `pytest -m gpu` on a GPU; {GPU_TIER_ON_CPU}=1 dry-runs it on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tensors_say_where_they_live() -> Iterator[None]:
+    """Every test is also a device audit (tests/device_audit.py): project code that creates a tensor
+    without `device=` fails here, on the CPU, instead of on the first GPU it meets."""
+    with implicit_device_audit():
+        yield
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # The quick-start config, shrunk to seconds: 3000 images in batches of 32 at a constant
@@ -34,10 +65,11 @@ def shapes_victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per session."""
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(f"real CIFAR-10 data absent: {CIFAR_TARBALL} (it sits in ../shared/data beside the checkout)")
+    tarball = next((path for path in CIFAR_TARBALLS if path.is_file()), None)
+    if tarball is None:
+        pytest.skip(f"real CIFAR-10 data absent: none of {[str(path) for path in CIFAR_TARBALLS]} (../shared/data beside the checkout)")
     root = tmp_path_factory.mktemp("cifar10")
-    with tarfile.open(CIFAR_TARBALL) as archive:
+    with tarfile.open(tarball) as archive:
         archive.extractall(root, filter="data")
     return root
 
