@@ -44,27 +44,29 @@ class CIFAR10(TensorImageDataModule):
 
     root holds either an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg; e.g.
     `mkdir -p data/cifar10 && tar -xzf ../shared/data/cifar10-jpg.tar.gz -C data/cifar10`)
-    or torchvision's cifar-10-batches-py/ folder.
+    or torchvision's cifar-10-batches-py/ folder. cache_decoded: keep the tree's decoded splits
+    in root/.decoded/ (datamodules.image_folder.decode_image_folder), so later processes skip
+    the 10-20 s of JPEG decoding.
     """
 
     class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-    def __init__(self, root: str = "data/cifar10", download: bool = False, **kwargs: Any) -> None:
+    def __init__(self, root: str = "data/cifar10", download: bool = False, cache_decoded: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.root, self.download = Path(root), download
+        self.root, self.download, self.cache_decoded = Path(root), download, cache_decoded
 
     def load_split(self, split: Split) -> ImageSplit:
         if (self.root / "train").is_dir():
             found = folder_classes(self.root / "train")
             if found != self.class_names:
                 raise ValueError(f"'{self.root}/train' has classes {found}, not CIFAR-10's {self.class_names}")
-            return decode_image_folder(self.root / split, self.class_names)
+            return decode_image_folder(self.root / split, self.class_names, self.cache_decoded)
         dataset = open_torchvision(
             "CIFAR-10", lambda download: datasets.CIFAR10(str(self.root), train=split == "train", download=download),
             self.root, self.download,
             "an ImageFolder tree train/<class>/ + test/<class>/ (the JPEG tarball, extracted) or cifar-10-batches-py/",
         )
-        return ImageSplit(torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets))
+        return ImageSplit(torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets, device="cpu"))
 
 
 class SVHN(TensorImageDataModule):

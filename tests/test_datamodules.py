@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ from datamodules import (
     CIFAR10, SHAPE_CLASSES, STL10, SVHN, DataNotFoundError, FashionMNIST, ImageFolderStream, ImageFolderTensors, Shapes,
     render_shapes,
 )
+from datamodules import image_folder
 from datamodules.base import crop_and_flip
+from tests.data_files import accept_written_files, write_data_set, write_fashion_mnist
 
 
 def batches(datamodule, loader, count: int = 3):
@@ -108,19 +109,12 @@ def test_missing_cifar_names_the_expected_path_and_the_fix(tmp_path: Path):
     assert "download: true" in str(error.value) and "train/<class>" in str(error.value)
 
 
-def _write_idx(path: Path, magic: int, array: torch.Tensor) -> None:
-    path.write_bytes(struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.numpy().tobytes())
-
-
 @pytest.fixture
 def fashion_root(tmp_path: Path) -> Path:
     """A tiny Fashion-MNIST in torchvision's raw idx format (4 train, 3 test images)."""
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, count in (("train", 4), ("t10k", 3)):
-        images = torch.arange(count * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 28, 28)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", 2051, images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, torch.arange(count, dtype=torch.uint8))
+    for split, count in (("train", 4), ("test", 3)):
+        images = torch.arange(count * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 1, 28, 28)
+        write_fashion_mnist(tmp_path, split, images, torch.arange(count))
     return tmp_path
 
 
@@ -163,6 +157,19 @@ def test_every_torchvision_set_names_its_missing_files(tmp_path: Path, datamodul
     assert str(tmp_path) in str(error.value)
 
 
+@pytest.mark.parametrize("name, datamodule_class", [("svhn", SVHN), ("fashion_mnist", FashionMNIST), ("stl10", STL10)])
+def test_torchvision_formats_read_back_pixel_for_pixel(tmp_path: Path, name: str, datamodule_class):
+    """Our SVHN, Fashion-MNIST and STL10 modules on files in each format (tests/data_files.py):
+    orientation, channel order and label coding (SVHN's 10 for 0, STL10's 1-based) all come back exact."""
+    written = write_data_set(name, tmp_path, train=30, test=20)
+    with accept_written_files():
+        datamodule = datamodule_class(root=str(tmp_path))
+        for split, (images, labels) in written.items():
+            read = datamodule.load_split(split)
+            assert torch.equal(read.images, images) and torch.equal(read.labels, labels), split
+    assert read.images.shape[1:] == (datamodule.channels, datamodule.image_size, datamodule.image_size)
+
+
 def _write_tree(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
     """root/<split>/<class>/<i>.png with random pixels; sizes maps class -> (height, width)."""
     generator = torch.Generator().manual_seed(0)
@@ -172,6 +179,33 @@ def _write_tree(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
             for index in range(3):
                 pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(root / split / name / f"{index}.png")
+
+
+def test_a_decoded_tree_is_cached_until_the_tree_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _write_tree(tmp_path, {"cat": (8, 8), "dog": (8, 8)})
+    first = ImageFolderTensors(root=str(tmp_path), image_size=8).load_split("train")
+    assert len(list((tmp_path / ".decoded").glob("train-*.pt"))) == 1
+
+    def no_decoding(path: Path) -> torch.Tensor:
+        raise AssertionError(f"decoded {path} although the cache holds the unchanged tree")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "_read_rgb", no_decoding)
+        again = ImageFolderTensors(root=str(tmp_path), image_size=8).load_split("train")
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+    Image.fromarray(torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()).save(tmp_path / "train" / "dog" / "0.png")
+    changed = ImageFolderTensors(root=str(tmp_path), image_size=8).load_split("train")
+    assert changed.images[3].sum() == 0 and not torch.equal(changed.images, first.images)
+
+    for stale in (tmp_path / ".decoded").glob("*.pt"):
+        stale.write_bytes(b"truncated")
+    assert torch.equal(ImageFolderTensors(root=str(tmp_path), image_size=8).load_split("train").images, changed.images)
+
+    uncached = tmp_path / "uncached"
+    _write_tree(uncached, {"cat": (8, 8)})
+    ImageFolderTensors(root=str(uncached), image_size=8, cache_decoded=False).load_split("train")
+    assert not (uncached / ".decoded").exists()
 
 
 def test_image_folder_stream_resizes_any_tree_to_unit_float_batches(tmp_path: Path):
