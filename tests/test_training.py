@@ -136,7 +136,7 @@ def test_the_cifar10_gpu_config_runs_on_cpu_at_tiny_scale(cifar_tree: Path, tmp_
         "fit", "--config", str(REPO_ROOT / "configs" / "victim_cifar10.yaml"), *run_dirs(tmp_path, "cifar"), *QUIET,
         "--data.init_args.root", str(cifar_tree), "--model.init_args.arch_kwargs", "{width: 8}",
         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.on_device", "false",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--data.init_args.val_images", "200",
     ])
     stem = cli.model.classifier.net.stem.weight
     assert stem.is_contiguous(memory_format=torch.channels_last)  # the ChannelsLast callback ran
