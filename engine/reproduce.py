@@ -37,7 +37,7 @@ from engine.export import PROJECT_ROOT, atomic_write_bytes
 
 RESTORERS = ("sr", "rain", "trn", "cii")
 BASELINES = ("jpeg:quality=75", "median:kernel=3", "bicubic:factor=2", "wavelet", "bit_depth:bits=4", "srd", "random_resize_pad:max_pad=4")
-TRAINING_FREE = ("configs/defenses/cii_telea_cifar10.yaml", "configs/defenses/dip_cifar10.yaml")
+TRAINING_FREE = ("configs/defenses/cii_telea_cifar10.yaml", "configs/defenses/dip_cifar10.yaml")  # CIIDefence-Telea, DIP
 TARBALLS = (PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz", PROJECT_ROOT / ".data" / "cifar10-jpg.tar.gz")
 
 
@@ -68,7 +68,7 @@ class Sizes:
         ]
 
     def dip(self) -> str:
-        return "dip:iterations=10,record_every=5,warmup_records=1" if self.smoke else "configs/defenses/dip_cifar10.yaml"
+        return "dip:iterations=10,record_every=5,warmup_records=1" if self.smoke else TRAINING_FREE[1]
 
     def evaluation(self) -> list[str]:
         common = ["--n", str(self.n), "--eot", str(self.eot), "--eval-draws", str(self.eval_draws), "--no-progress"]
