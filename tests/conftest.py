@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,28 @@ def tensors_say_where_they_live() -> Iterator[None]:
     with implicit_device_audit():
         yield
 
+
+
+@contextlib.contextmanager
+def torch_flags_kept() -> Iterator[None]:
+    """Undo the process-wide flags a Trainer sets: `deterministic: true` (victim_shapes.yaml) turns on
+    torch.use_deterministic_algorithms for the whole process, and on CUDA every later bicubic
+    backward or median in that process then raises (found by the gpu tier on an H200)."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+@pytest.fixture(autouse=True)
+def each_test_starts_with_torch_flags_unset() -> Iterator[None]:
+    with torch_flags_kept():
+        yield
+
+
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # The quick-start config, shrunk to seconds: 3000 images in batches of 32 at a constant
 # learning rate. The shapes have a start-up plateau; at 0.02 every seed and precision we tried
@@ -80,7 +103,8 @@ def run_dirs(tmp_path: Path, name: str) -> list[str]:
 
 def fit(tmp_path: Path, name: str, *extra: str, shrink: list[str] = SMALL_RUN) -> RestorationCLI:
     """`train.py fit` on the quick-start config (shrunk unless told otherwise), in this process."""
-    return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *shrink, *run_dirs(tmp_path, name), *extra])
+    with torch_flags_kept():
+        return RestorationCLI(args=["fit", "--config", QUICKSTART_CONFIG, *shrink, *run_dirs(tmp_path, name), *extra])
 
 
 def restorer_args(config: str, victim: Path, root: Path, name: str, steps: int, *extra: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Device placement on a machine with one device: what the CPU can check of the bugs a GPU shows.
 
 The whole suite runs under tests/device_audit.py (conftest); these tests check the audit itself
-and the Lightning ordering that once kept every restorer off the GPU. The rest of the class (nvJPEG,
+and the Lightning ordering that once kept every restorer off the GPU. The rest of the class (JPEG,
 autocast on CUDA, library attacks on CUDA) is in the `gpu` tier, tests/test_gpu.py.
 """
 from __future__ import annotations
