@@ -52,7 +52,8 @@ class Jpeg(Defense):
 
     def forward(self, x: Tensor) -> Tensor:
         encoded = encode_jpeg(list(to_uint8(x).cpu()), quality=self.quality)
-        return torch.stack(decode_jpeg(encoded)).to(device=x.device, dtype=x.dtype) / 255
+        # /255 on the CPU too: CUDA divides by a scalar through its reciprocal, an ulp away at times
+        return (torch.stack(decode_jpeg(encoded)).to(x.dtype) / 255).to(x.device)
 
 
 class BitDepth(Defense):

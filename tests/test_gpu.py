@@ -226,7 +226,8 @@ def test_jpeg_is_the_same_function_on_the_device_as_on_the_cpu(tier: Tier):
     x = shapes_split(16, 3, 32, 3)[0].float() / 255
     on_device = Jpeg(75)(x.to(tier.device))
     assert on_device.device.type == tier.device.type
-    assert torch.equal(on_device.cpu(), Jpeg(75)(x))
+    # The same pixels: nvJPEG was 6.4/255 off on average; 1e-6 is far below one level (1/255).
+    assert (on_device.cpu() - Jpeg(75)(x)).abs().max() < 1e-6
 
 
 def cifar_victim(tier: Tier) -> Path:
