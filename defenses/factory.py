@@ -2,17 +2,18 @@
 
     jpeg:quality=75        median:kernel=3        wavelet:sigma=0.04,wavelet=db2
     configs/defenses/dip_cifar10.yaml             (a YAML file holding one spec: name: dip, iterations: ...)
-    checkpoints/sr_cifar10.pt                     (a restorer's export, kind in EXPORTED_DEFENSES)
+    checkpoints/sr_cifar10.pt                     (a restorer's export: its kind is in restorers/registry.py)
     runs/sr_cifar10/checkpoints/last.ckpt         (a restorer's Lightning checkpoint)
 
 Values are Python literals (`None`, numbers, `True`); anything else is taken as a string.
 """
+
 from __future__ import annotations
 
 import ast
 import inspect
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
@@ -22,7 +23,6 @@ from defenses.dip import DipDefense
 from defenses.randomization import StructuredRandomization
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise
-from engine.export import NotAnExportError, read_export
 
 DEFENSES: dict[str, type[Defense]] = {
     "identity": Identity,
@@ -36,10 +36,6 @@ DEFENSES: dict[str, type[Defense]] = {
     "cii": CIIDefence,
     "dip": DipDefense,
 }
-
-# Export kind -> builder(export dict, frozen classifier) for trained restorers; `restorers/__init__.py`
-# adds each restorer's kind when it is imported (load_exported_defense imports it).
-EXPORTED_DEFENSES: dict[str, Callable[[dict[str, Any], Optional[nn.Module]], Defense]] = {}
 
 EXPORT_SUFFIXES = (".pt", ".pth", ".ckpt")
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -64,7 +60,7 @@ def parse_spec(text: str) -> dict[str, Any]:
     return spec
 
 
-def build_defense(spec: dict[str, Any], classifier: Optional[nn.Module] = None) -> Defense:
+def build_defense(spec: dict[str, Any], classifier: nn.Module | None = None) -> Defense:
     """A defense from {"name": ..., **arguments}; `classifier` goes to defenses that need it."""
     arguments = {key: value for key, value in spec.items() if key != "name"}
     if spec["name"] not in DEFENSES:
@@ -81,22 +77,14 @@ def build_defense(spec: dict[str, Any], classifier: Optional[nn.Module] = None) 
     return cls(**arguments)
 
 
-def load_exported_defense(path: str | Path, classifier: Optional[nn.Module] = None) -> Defense:
-    """A trained restorer's defense from its export file or its Lightning checkpoint (weights-only loading)."""
-    import restorers  # noqa: F401  (registers the restorers' export kinds in EXPORTED_DEFENSES)
+def load_exported_defense(path: str | Path, classifier: nn.Module | None = None) -> Defense:
+    """A trained restorer's defense from its export file or its Lightning checkpoint (weights-only loading).
 
-    if str(path).endswith(".ckpt"):
-        from restorers.export import module_from_checkpoint
+    The restorers sit above the defenses (they build on them), so they are asked here, at call
+    time, not imported with this module."""
+    from restorers.export import defense_from_file
 
-        export = module_from_checkpoint(path).to_export({"source_checkpoint": str(path)})
-    else:
-        export = read_export(path)
-    kind = export["kind"]
-    if kind == "classifier":
-        raise NotAnExportError(f"'{path}' exports a classifier, not a defense; pass it as --classifier")
-    if kind not in EXPORTED_DEFENSES:
-        raise NotAnExportError(f"'{path}' exports a {kind!r}; defenses can be loaded from {sorted(EXPORTED_DEFENSES)}")
-    return EXPORTED_DEFENSES[kind](export, classifier)
+    return defense_from_file(path, classifier)
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
@@ -111,7 +99,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return spec
 
 
-def make_defense(text: str, classifier: Optional[nn.Module] = None) -> Defense:
+def make_defense(text: str, classifier: nn.Module | None = None) -> Defense:
     """A defense from a spec string, a YAML spec file or an export file path (see module docstring)."""
     if text.endswith(SPEC_SUFFIXES):
         return build_defense(read_spec_file(text), classifier)

@@ -10,6 +10,7 @@ float, bool, None, lists and dicts of them; no pickled classes):
 Files are written atomically (temporary file in the same folder, then rename), so a crash
 mid-write never leaves a truncated file where a good one was.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +19,17 @@ import pickle
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO
 
 import torch
 
 EXPORT_FORMAT = "restoration-defense-export"
-EXPORT_VERSION = 1
+# 2: a restorer's "model" holds its "network" and "defense" settings (restorers/base.py). Version 1
+# files (per-kind layouts) still load: each restorer kind reads its own (settings_from_v1).
+EXPORT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,7 +99,9 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
             "project's export command."
         ) from refused
     except Exception as broken:  # torch.load fails on junk in many ways (EOFError, struct.error, ...)
-        raise NotAnExportError(f"refusing '{path}' as a {what}: not a readable torch file ({type(broken).__name__}: {broken})") from broken
+        raise NotAnExportError(
+            f"refusing '{path}' as a {what}: not a readable torch file ({type(broken).__name__}: {broken})"
+        ) from broken
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
@@ -104,29 +111,37 @@ def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     return lines[0] if lines else "not a file written by torch.save"
 
 
-def make_export(kind: str, model: dict[str, Any], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def make_export(
+    kind: str, model: dict[str, Any], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[str, Any]:
     """Assemble an export dict; tensors are detached, made contiguous and moved to the CPU."""
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
     return {
-        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": kind, "model": model,
-        "state_dict": weights, "meta": {**environment_meta(), **meta},
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "kind": kind,
+        "model": model,
+        "state_dict": weights,
+        "meta": {**environment_meta(), **meta},
     }
 
 
-def read_export(path: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
+def read_export(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Load and check an export file; `kind` (e.g. "classifier") is enforced when given."""
     return check_export(load_weights_only(path, "export file"), path, kind)
 
 
-def check_export(payload: Any, path: str | os.PathLike, kind: Optional[str] = None) -> dict[str, Any]:
+def check_export(payload: Any, path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """`payload` (loaded from `path`) if it is an export of this version and kind, else NotAnExportError."""
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise NotAnExportError(
             f"'{path}' is not an export of this project (no format '{EXPORT_FORMAT}'); "
             "a Lightning .ckpt can be exported with `python -m classifiers.export RUN.ckpt OUT.pt`"
         )
-    if payload.get("version") != EXPORT_VERSION:
-        raise NotAnExportError(f"'{path}' is export version {payload.get('version')}; this code reads version {EXPORT_VERSION}")
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise NotAnExportError(
+            f"'{path}' is export version {payload.get('version')}; this code reads versions {READABLE_VERSIONS}"
+        )
     if kind is not None and payload.get("kind") != kind:
         raise NotAnExportError(f"'{path}' exports a {payload.get('kind')}, not a {kind}")
     return payload
@@ -139,8 +154,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def git_commit() -> str:
     """The project's HEAD commit, with '+dirty' when tracked files have uncommitted changes."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -154,6 +172,8 @@ def environment_meta() -> dict[str, str]:
     import pytorch_lightning
 
     return {
-        "commit": git_commit(), "torch": str(torch.__version__), "pytorch_lightning": str(pytorch_lightning.__version__),
+        "commit": git_commit(),
+        "torch": str(torch.__version__),
+        "pytorch_lightning": str(pytorch_lightning.__version__),
         "python": platform.python_version(),
     }

@@ -1,21 +1,27 @@
 """Learned restorers, each a LightningModule trained with a frozen classifier in its loss
-(restorers/base.py), and the defenses they give at inference, registered by export kind."""
-from defenses.factory import EXPORTED_DEFENSES
-from restorers.base import RestorerModule
-from restorers.inpainter import InpainterRestorer, InpaintingNetwork, cii_defense_from_export
-from restorers.rain import RainDefense, RainRestorer, rain_defense_from_export
-from restorers.sr import SuperResolutionDefense, SuperResolutionRestorer, sr_defense_from_export
-from restorers.trn import TrnDefense, TrnRestorer, TwoStreamRestorationNetwork, trn_defense_from_export
+(restorers/base.py), registered by export kind (restorers/registry.py)."""
 
-# Export kind -> the module class that trains it (to rebuild one from a .ckpt) and the defense builder.
-RESTORER_MODULES: dict[str, type[RestorerModule]] = {
-    "sr": SuperResolutionRestorer, "rain": RainRestorer, "trn": TrnRestorer, "cii": InpainterRestorer,
-}
-EXPORTED_DEFENSES.update({
-    "sr": sr_defense_from_export, "rain": rain_defense_from_export, "trn": trn_defense_from_export, "cii": cii_defense_from_export,
-})
+from restorers.base import RestorerModule
+from restorers.inpainter import InpainterRestorer, InpaintingNetwork  # noqa: E402  (kind "cii")
+from restorers.rain import RainDefense, RainRestorer  # noqa: E402  (kind "rain")
+from restorers.registry import register_restorer, restorer_class, restorer_kinds
+
+# The registry: importing a restorer's module registers it under its kind (one line per restorer).
+from restorers.sr import SuperResolutionDefense, SuperResolutionRestorer  # noqa: E402  (kind "sr")
+from restorers.trn import TrnDefense, TrnRestorer, TwoStreamRestorationNetwork  # noqa: E402  (kind "trn")
 
 __all__ = [
-    "InpainterRestorer", "InpaintingNetwork", "RESTORER_MODULES", "RainDefense", "RainRestorer", "RestorerModule", "SuperResolutionDefense", "SuperResolutionRestorer",
-    "TrnDefense", "TrnRestorer", "TwoStreamRestorationNetwork",
+    "InpainterRestorer",
+    "InpaintingNetwork",
+    "RainDefense",
+    "RainRestorer",
+    "RestorerModule",
+    "SuperResolutionDefense",
+    "SuperResolutionRestorer",
+    "TrnDefense",
+    "TrnRestorer",
+    "TwoStreamRestorationNetwork",
+    "register_restorer",
+    "restorer_class",
+    "restorer_kinds",
 ]

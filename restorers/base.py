@@ -14,23 +14,34 @@ Validation each epoch (on the data module's class-balanced `val_images` subset),
 test` on the whole test split: PSNR/SSIM of the restorer's input
 (brought to the target size) and of its output against the clean image, the defended clean
 accuracy, and the defended gray-box PGD accuracy (attack the classifier alone, defend, classify);
-image grids to TensorBoard. Subclasses implement make_pair, restore, input_as_image and defense.
+image grids to TensorBoard.
+
+A restorer is one module: a subclass with a `kind`, registered with `@register_restorer`
+(restorers/registry.py), that implements the contract below (checked when it registers):
+- training: `make_pair`, `restore`, `input_as_image` (and optionally `restoration_loss`,
+  `evaluation_pair`);
+- the network and the defense, each from one settings dict: `network_settings()` and
+  `build_network(**settings)` (the base builds `self.restorer` with them), `defense_settings()`
+  and `defense_around(network, classifier, **settings)`. The export file holds both dicts, so
+  `defense()` in training and `defense_from_export` in eval.py build the same defense from the
+  same keys: the writer and the reader cannot drift apart.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid
 
 from attacks import GradientAttack, seeded_generator
 from classifiers import load_classifier
 from defenses.base import Defense
-from engine.export import file_sha256, make_export
+from engine.export import NotAnExportError, file_sha256, make_export
 
 ClassifierLoss = Literal["ce", "logits_l1"]
 Schedule = Literal["cosine", "constant"]
@@ -52,13 +63,34 @@ class RestorerModule(pl.LightningModule):
         grid_images: images per TensorBoard grid.
     """
 
-    kind: str = ""  # the export kind, e.g. "sr"
+    kind: ClassVar[str] = ""  # the export kind, e.g. "sr": written once, on the subclass
+    # What a registered subclass must define (RestorerModule.check_contract).
+    CONTRACT: ClassVar[tuple[str, ...]] = (
+        "make_pair",
+        "restore",
+        "input_as_image",
+        "network_settings",
+        "build_network",
+        "defense_settings",
+        "defense_around",
+    )
 
     def __init__(
-        self, classifier: str, num_classes: int = 10, in_chans: int = 3, restoration_weight: float = 1.0,
-        classifier_weight: float = 0.1, classifier_loss: ClassifierLoss = "ce", lr: float = 2e-4,
-        weight_decay: float = 0.0, schedule: Schedule = "cosine", adversarial_share: float = 0.0,
-        attack_eps: float = 8 / 255, attack_steps: int = 5, val_eps: float = 8 / 255, val_steps: int = 10,
+        self,
+        classifier: str,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        restoration_weight: float = 1.0,
+        classifier_weight: float = 0.1,
+        classifier_loss: ClassifierLoss = "ce",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        schedule: Schedule = "cosine",
+        adversarial_share: float = 0.0,
+        attack_eps: float = 8 / 255,
+        attack_steps: int = 5,
+        val_eps: float = 8 / 255,
+        val_steps: int = 10,
         grid_images: int = 8,
     ) -> None:
         super().__init__()
@@ -68,12 +100,17 @@ class RestorerModule(pl.LightningModule):
         self.classifier = load_classifier(classifier)
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
         self._check_classifier()
-        self.psnr_in, self.psnr_out = (PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) for _ in range(2))
-        self.ssim_in, self.ssim_out = (StructuralSimilarityIndexMeasure(data_range=1.0) for _ in range(2))
+        self.restorer = self.build_network(**self.network_settings())
+        self.psnr_in = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.psnr_out = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.ssim_in = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.ssim_out = StructuralSimilarityIndexMeasure(data_range=1.0)
 
-    # --- what each restorer defines -------------------------------------------------------
-    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """(restorer input, target) from a clean batch x (N,C,H,W) in [0,1] and labels y."""
+    # --- what each restorer defines ------------------------------------------------------
+    def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
+        """(restorer input, target) from a clean batch x (N,C,H,W) in [0,1] and labels y (N,).
+
+        step seeds the random draws (with the rank); evaluation: no training attack (a validation pair)."""
         raise NotImplementedError
 
     def restore(self, inputs: Tensor) -> Tensor:
@@ -84,18 +121,43 @@ class RestorerModule(pl.LightningModule):
         """make_pair's inputs as an image the size of the target (the baseline the restorer must beat)."""
         raise NotImplementedError
 
-    def defense(self) -> Defense:
-        """The defense this restorer gives at inference (sharing this module's weights)."""
+    def network_settings(self) -> dict[str, Any]:
+        """The arguments of build_network, from the hyperparameters (plain values: they go into the export)."""
         raise NotImplementedError
+
+    @staticmethod
+    def build_network(**settings: Any) -> nn.Module:
+        """The restorer network from network_settings()."""
+        raise NotImplementedError
+
+    def defense_settings(self) -> dict[str, Any]:
+        """The arguments of defense_around besides the network and classifier (plain values)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def defense_around(network: nn.Module, classifier: nn.Module | None, **settings: Any) -> Defense:
+        """The defense at inference around a network (shared, not copied), with the classifier it may need."""
+        raise NotImplementedError
+
+    @staticmethod
+    def settings_from_v1(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(network_settings, defense_settings) of an export file of version 1, written before the two
+        dicts existed; kinds that never wrote version 1 have none."""
+        raise NotAnExportError("this restorer kind has no version-1 export files")
 
     def restoration_loss(self, restored: Tensor, target: Tensor, inputs: Tensor) -> Tensor:
         """L1 between the restored image and the target, over every pixel (restorers that change only
         some pixels average over those instead)."""
         return F.l1_loss(restored.float(), target.float())
 
-    def export_model(self) -> dict[str, Any]:
-        """Everything that rebuilds the defense from the export file, except the weights."""
-        raise NotImplementedError
+    @classmethod
+    def check_contract(cls) -> None:
+        """Raise TypeError naming what `cls` lacks to be a restorer (registry.register_restorer calls it)."""
+        if not isinstance(cls.kind, str) or not cls.kind:
+            raise TypeError(f"{cls.__qualname__} needs a `kind`: the export kind, written once on the class")
+        missing = [name for name in cls.CONTRACT if getattr(cls, name) is getattr(RestorerModule, name)]
+        if missing:
+            raise TypeError(f"{cls.__qualname__} does not define {missing} (the contract in restorers/base.py)")
 
     # --- shared ----------------------------------------------------------------------------
     def _check_classifier(self) -> None:
@@ -111,10 +173,10 @@ class RestorerModule(pl.LightningModule):
                     "train the restorer on the data its victim was trained on"
                 )
 
-    def adversarial_part(self, x: Tensor, y: Tensor, step: int) -> Tensor:
+    def adversarial_part(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> Tensor:
         """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)
-        images, seeded by (step, rank); none (k = 0) in evaluation, where step < 0."""
-        count = round(self.hparams.adversarial_share * len(x)) if step >= 0 else 0
+        images, seeded by (step, rank); none (k = 0) in evaluation."""
+        count = 0 if evaluation else round(self.hparams.adversarial_share * len(x))
         if not count:
             return x[:0]
         with torch.enable_grad():
@@ -129,17 +191,25 @@ class RestorerModule(pl.LightningModule):
             return attack(self.classifier, x, y, seeded_generator(x.device, 0, batch_idx))
 
     def evaluation_pair(self, x: Tensor, y: Tensor, x_adv: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
-        """The (inputs, target) whose PSNR/SSIM validation reports: make_pair at a negative step
-        (evaluation draws, no training attack); restorers of adversarial inputs use x_adv instead."""
-        return self.make_pair(x, y, -1 - batch_idx)
+        """The (inputs, target) whose PSNR/SSIM validation reports: make_pair without the training attack,
+        its draws seeded by -1 - batch_idx (apart from every training step's); restorers of adversarial
+        inputs use x_adv instead."""
+        return self.make_pair(x, y, -1 - batch_idx, evaluation=True)
 
     def training_attack(self) -> dict[str, Any]:
         """The training attack as the export records it."""
         hp = self.hparams
-        return {"adversarial_share": hp.adversarial_share, "attack": "linf-pgd", "attack_eps": hp.attack_eps,
-                "attack_steps": hp.attack_steps, "classifier_loss": hp.classifier_loss, "classifier_weight": hp.classifier_weight}
+        return {
+            "adversarial_share": hp.adversarial_share,
+            "attack": "linf-pgd",
+            "attack_eps": hp.attack_eps,
+            "attack_steps": hp.attack_steps,
+            "classifier_loss": hp.classifier_loss,
+            "classifier_weight": hp.classifier_weight,
+        }
 
-    def classifier_loss(self, restored: Tensor, clean: Tensor, y: Tensor) -> Tensor:
+    def classifier_term(self, restored: Tensor, clean: Tensor, y: Tensor) -> Tensor:
+        """The classifier-in-the-loop loss named by the `classifier_loss` hyperparameter (fp32)."""
         logits = self.classifier(restored)
         if self.hparams.classifier_loss == "ce":
             return F.cross_entropy(logits.float(), y)
@@ -152,9 +222,13 @@ class RestorerModule(pl.LightningModule):
         inputs, target = self.make_pair(x, y, self.global_step)
         restored = self.restore(inputs)
         restoration = self.restoration_loss(restored, target, inputs)
-        in_the_loop = self.classifier_loss(restored, x, y) if self.hparams.classifier_weight else restoration.new_zeros(())
+        in_the_loop = (
+            self.classifier_term(restored, x, y) if self.hparams.classifier_weight else restoration.new_zeros(())
+        )
         loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
-        self.log_dict({"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True)
+        self.log_dict(
+            {"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True
+        )
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -172,17 +246,28 @@ class RestorerModule(pl.LightningModule):
         baseline = self.input_as_image(inputs, target).clamp(0, 1).float()
         self._update_image_metrics(baseline, restored, target.float(), stage)
         self.log(f"{stage}/acc", (self.classifier(defense(x)).argmax(1) == y).float().mean(), batch_size=len(y))
-        self.log(f"{stage}/graybox_acc", (self.classifier(defense(x_adv)).argmax(1) == y).float().mean(), batch_size=len(y))
+        self.log(
+            f"{stage}/graybox_acc", (self.classifier(defense(x_adv)).argmax(1) == y).float().mean(), batch_size=len(y)
+        )
         if batch_idx == 0 and stage == "val":
             self._log_grid(target, baseline, restored)
 
     def _update_image_metrics(self, baseline: Tensor, restored: Tensor, target: Tensor, stage: str) -> None:
-        for metric, image in ((self.psnr_in, baseline), (self.ssim_in, baseline), (self.psnr_out, restored), (self.ssim_out, restored)):
+        for metric, image in (
+            (self.psnr_in, baseline),
+            (self.ssim_in, baseline),
+            (self.psnr_out, restored),
+            (self.ssim_out, restored),
+        ):
             metric.update(image, target)
-        self.log_dict({
-            f"{stage}/psnr": self.psnr_out, f"{stage}/psnr_input": self.psnr_in, f"{stage}/ssim": self.ssim_out,
-            f"{stage}/ssim_input": self.ssim_in,
-        })
+        self.log_dict(
+            {
+                f"{stage}/psnr": self.psnr_out,
+                f"{stage}/psnr_input": self.psnr_in,
+                f"{stage}/ssim": self.ssim_out,
+                f"{stage}/ssim_input": self.ssim_in,
+            }
+        )
 
     def _log_grid(self, clean: Tensor, degraded: Tensor, restored: Tensor) -> None:
         """clean / degraded / restored / residual (restored - degraded) x4 around grey."""
@@ -195,18 +280,43 @@ class RestorerModule(pl.LightningModule):
         writer.add_image("val/clean_degraded_restored_residual", grid, self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.restorer.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.restorer.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = (
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-            if self.hparams.schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+            if self.hparams.schedule == "cosine"
+            else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def defense(self) -> Defense:
+        """The defense this restorer gives at inference (sharing this module's network and classifier)."""
+        return self.defense_around(self.restorer, self.classifier, **self.defense_settings())
+
     def to_export(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The export dict (see engine.export): the restorer's weights, never the classifier's."""
-        model = {**self.export_model(), "victim": self.victim}
+        """The export dict (see engine.export): the restorer's weights, never the classifier's, and the
+        two settings dicts that rebuild its network and its defense."""
+        model = {
+            "network": self.network_settings(),
+            "defense": self.defense_settings(),
+            "training": self.training_attack(),
+            "victim": self.victim,
+        }
         return make_export(self.kind, model, self.restorer.state_dict(), meta)
+
+    @classmethod
+    def defense_from_export(cls, export: dict[str, Any], classifier: nn.Module | None) -> Defense:
+        """The defense of an export file of this kind (strict weight loading), around `classifier`."""
+        model = export["model"]
+        if export["version"] >= 2:
+            network_settings, defense_settings = model["network"], model["defense"]
+        else:
+            network_settings, defense_settings = cls.settings_from_v1(model)
+        network = cls.build_network(**network_settings)
+        network.load_state_dict(export["state_dict"], strict=True)
+        return cls.defense_around(network, classifier, **defense_settings)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["restorer_kind"] = self.kind  # lets restorers.export rebuild the module from a .ckpt

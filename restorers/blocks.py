@@ -1,8 +1,9 @@
 """Building blocks shared by the restorers' networks (EDSR, RAIN's detail generator, TRN)."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,9 @@ class MeanShift(nn.Module):
 
     def __init__(self, mean: Sequence[float], sign: int) -> None:
         super().__init__()
-        self.register_buffer("shift", sign * torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", sign * torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.shift.to(x.dtype)
@@ -63,7 +66,11 @@ class ChannelAttention(nn.Module):
         super().__init__()
         hidden = max(1, channels // reduction)
         self.gate = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1), nn.Sigmoid(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Sigmoid(),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,9 +10,11 @@ starts as bicubic interpolation and learns only the missing detail. With it, a f
 on 2 CPU cores already beat bicubic PSNR; without it, EDSR first spends thousands of steps learning
 to reproduce the low frequencies.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,18 +31,26 @@ DIV2K_MEAN = (0.4488, 0.4371, 0.4040)  # EDSR's RGB mean
 
 class EDSR(nn.Module):
     def __init__(
-        self, scale: int = 2, in_chans: int = 3, num_blocks: int = 16, num_features: int = 64, res_scale: float = 1.0,
-        mean: Optional[Sequence[float]] = None, bicubic_skip: bool = False,
+        self,
+        scale: int = 2,
+        in_chans: int = 3,
+        num_blocks: int = 16,
+        num_features: int = 64,
+        res_scale: float = 1.0,
+        mean: Sequence[float] | None = None,
+        bicubic_skip: bool = False,
     ) -> None:
         super().__init__()
         mean = list(mean) if mean is not None else (list(DIV2K_MEAN) if in_chans == 3 else [0.5] * in_chans)
-        self.subtract_mean, self.add_mean = MeanShift(mean, -1), MeanShift(mean, +1)
+        self.subtract_mean = MeanShift(mean, -1)
+        self.add_mean = MeanShift(mean, +1)
         self.head = conv3x3(in_chans, num_features)
         self.body = nn.Sequential(
             *(ResidualBlock(num_features, res_scale) for _ in range(num_blocks)), conv3x3(num_features, num_features)
         )
         self.tail = nn.Sequential(PixelShuffleUpsampler(num_features, scale), conv3x3(num_features, in_chans))
-        self.scale, self.bicubic_skip = scale, bicubic_skip
+        self.scale = scale
+        self.bicubic_skip = bicubic_skip
         if bicubic_skip:
             nn.init.zeros_(self.tail[-1].weight)
             nn.init.zeros_(self.tail[-1].bias)
@@ -50,7 +60,9 @@ class EDSR(nn.Module):
         features = features + self.body(features)
         detail = self.tail(features)
         if self.bicubic_skip:
-            upscaled = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            upscaled = (
+                x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            )
             return upscaled + detail
         return self.add_mean(detail)
 

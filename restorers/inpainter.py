@@ -14,9 +14,10 @@ the boxes of one of the top classes, the rank cycling with the step) or uniforml
 image inside the boxes (outside them the output is the input) + the classifier's loss on the
 result -> logs.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from defenses.cii import CIIDefence, Fusion, Inpainter, TeleaInpainter
 from engine.seeding import seeded_generator
 from restorers.base import RestorerModule
 from restorers.blocks import ResidualBlock, conv3x3
+from restorers.registry import register_restorer
 
 Placement = Literal["cam", "random"]
 _MASK_STREAM = 3  # keeps the random box draws apart from the training attack's, which share (step, rank)
@@ -73,9 +75,13 @@ class InpaintingNetwork(Inpainter):
     def __init__(self, in_chans: int = 3, num_features: int = 32, num_blocks: int = 4) -> None:
         super().__init__()
         self.head = nn.Sequential(conv3x3(in_chans + 1, num_features), nn.ReLU(inplace=True))
-        self.down = nn.Sequential(nn.Conv2d(num_features, 2 * num_features, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.down = nn.Sequential(
+            nn.Conv2d(num_features, 2 * num_features, 3, stride=2, padding=1), nn.ReLU(inplace=True)
+        )
         self.body = nn.Sequential(*(DilatedBlock(2 * num_features, 2 ** (index % 3)) for index in range(num_blocks)))
-        self.tail = nn.Sequential(conv3x3(3 * num_features, num_features), nn.ReLU(inplace=True), conv3x3(num_features, in_chans))
+        self.tail = nn.Sequential(
+            conv3x3(3 * num_features, num_features), nn.ReLU(inplace=True), conv3x3(num_features, in_chans)
+        )
         nn.init.zeros_(self.tail[-1].weight)
         nn.init.zeros_(self.tail[-1].bias)
 
@@ -88,27 +94,37 @@ class InpaintingNetwork(Inpainter):
         return x * (1 - mask) + mask * predicted
 
 
+@register_restorer
 class InpainterRestorer(RestorerModule):
     """The inpainter trained for CIIDefence. Args (besides RestorerModule's):
 
-        arch: InpaintingNetwork's num_features and num_blocks.
-        placement: "cam" (boxes where CIIDefence puts them) or "random" (boxes anywhere).
-        top_classes, maxima, half_width, nms_radius, fusion, blend, wavelet, sigma, cam_layer:
-            CIIDefence's settings (defenses/cii.py), used in training (boxes) and exported with the weights.
+    arch: InpaintingNetwork's num_features and num_blocks.
+    placement: "cam" (boxes where CIIDefence puts them) or "random" (boxes anywhere).
+    top_classes, maxima, half_width, nms_radius, fusion, blend, wavelet, sigma, cam_layer:
+        CIIDefence's settings (defenses/cii.py), used in training (boxes) and exported with the weights.
     """
 
     kind = "cii"
 
     def __init__(
-        self, classifier: str, arch: Optional[dict[str, int]] = None, placement: Placement = "cam", top_classes: int = 2,
-        maxima: int = 3, half_width: int = 3, nms_radius: Optional[int] = None, fusion: Fusion = "paste",
-        blend: float = 0.5, wavelet: str = "db1", sigma: Optional[float] = None, cam_layer: Optional[str] = None,
+        self,
+        classifier: str,
+        arch: dict[str, int] | None = None,
+        placement: Placement = "cam",
+        top_classes: int = 2,
+        maxima: int = 3,
+        half_width: int = 3,
+        nms_radius: int | None = None,
+        fusion: Fusion = "paste",
+        blend: float = 0.5,
+        wavelet: str = "db1",
+        sigma: float | None = None,
+        cam_layer: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(classifier, **kwargs)
         if placement not in ("cam", "random"):
             raise ValueError(f"placement must be 'cam' or 'random', got {placement!r}")
-        self.restorer = InpaintingNetwork(self.hparams.in_chans, **(arch or {}))
         self.defense()  # validates the CIIDefence settings now, not at the first validation
         self.telea = TeleaInpainter()
 
@@ -123,9 +139,9 @@ class InpainterRestorer(RestorerModule):
         peaks = (uniform * torch.tensor([height, width], device=x.device)).long()
         return box_mask(peaks, hp.half_width, (height, width))
 
-    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        x_adv = self.adversarial_part(x, y, step)
-        source = torch.cat([x_adv, x[len(x_adv):]])
+    def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
+        x_adv = self.adversarial_part(x, y, step, evaluation)
+        source = torch.cat([x_adv, x[len(x_adv) :]])
         return torch.cat([source, self.training_masks(source, step).to(source.dtype)], dim=1), x
 
     def restore(self, inputs: Tensor) -> Tensor:
@@ -141,27 +157,29 @@ class InpainterRestorer(RestorerModule):
     def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
         return self.telea(inputs[:, :-1], inputs[:, -1:])  # the training-free fallback the network must beat
 
-    def defense(self) -> CIIDefence:
-        """CIIDefence around this module's inpainter and classifier (shared, not copied; built per call
-        so that neither is registered twice in the module's state dict)."""
-        hp = self.hparams
-        return CIIDefence(
-            self.classifier, self.restorer, hp.top_classes, hp.maxima, hp.half_width, hp.nms_radius, hp.fusion, hp.blend,
-            hp.wavelet, hp.sigma, hp.cam_layer,
-        )
+    # --- the network and the defense, from the two settings dicts the export keeps -------------
+    def network_settings(self) -> dict[str, Any]:
+        return {"in_chans": self.hparams.in_chans, "arch": dict(self.hparams.arch or {})}
 
-    def export_model(self) -> dict[str, Any]:
-        ignored = ("name", "inpainter", "telea_radius")
-        settings = {key: value for key, value in self.defense().spec().items() if key not in ignored}
-        return {"arch": dict(self.hparams.arch or {}), "in_chans": self.hparams.in_chans, "cii": settings, "training": self.training_attack()}
+    @staticmethod
+    def build_network(in_chans: int, arch: dict[str, int]) -> nn.Module:
+        return InpaintingNetwork(in_chans, **arch)
 
+    def defense_settings(self) -> dict[str, Any]:
+        """CIIDefence's settings; the boxes of training come from the same ones."""
+        keys = ("top_classes", "maxima", "half_width", "nms_radius", "fusion", "blend", "wavelet", "sigma", "cam_layer")
+        return {key: self.hparams[key] for key in keys}
 
-def cii_defense_from_export(export: dict[str, Any], classifier: Optional[nn.Module] = None) -> CIIDefence:
-    """Rebuild CIIDefence with the trained inpainter (strict weight loading) around `classifier`,
-    whose CAMs choose the boxes."""
-    if classifier is None:
-        raise ValueError("CIIDefence places its boxes with the classifier's CAMs: pass the classifier (eval.py's --classifier)")
-    model = export["model"]
-    network = InpaintingNetwork(model["in_chans"], **model["arch"])
-    network.load_state_dict(export["state_dict"], strict=True)
-    return CIIDefence(classifier, network, **model["cii"])
+    @staticmethod
+    def defense_around(network: nn.Module, classifier: nn.Module | None, **settings: Any) -> CIIDefence:
+        """CIIDefence around the inpainter and the classifier whose CAMs place the boxes (shared, not
+        copied; built per call, so that neither is registered twice in the module's state dict)."""
+        if classifier is None:
+            raise ValueError(
+                "CIIDefence places its boxes with the classifier's CAMs: pass the classifier (eval.py's --classifier)"
+            )
+        return CIIDefence(classifier, network, **settings)
+
+    @staticmethod
+    def settings_from_v1(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"in_chans": model["in_chans"], "arch": model["arch"]}, dict(model["cii"])

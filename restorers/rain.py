@@ -19,9 +19,10 @@ classifier, and shift(x) is the clean image moved by SRd's own shift: DG restore
 never has to guess the random shift. The SRd draws are seeded by (step, rank), so resumed and
 DDP runs repeat them.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +31,12 @@ from defenses.randomization import StructuredRandomization, circular_shift
 from engine.seeding import seeded_generator
 from restorers.base import RestorerModule
 from restorers.edsr import EDSR, build_edsr
+from restorers.registry import register_restorer
 
 _SRD_STREAM = 1  # keeps the training SRd draws apart from the training attack's, which share (step, rank)
 
 
-def build_detail_generator(preset: str, in_chans: int, arch_kwargs: Optional[dict[str, Any]] = None) -> EDSR:
+def build_detail_generator(preset: str, in_chans: int, arch_kwargs: dict[str, Any] | None = None) -> EDSR:
     """DG: an EDSR preset at x1 with the bicubic (here: identity) skip, unless arch_kwargs say otherwise.
     (N,C,H,W) bicubic-upsampled SRd output -> (N,C,H,W), unclamped."""
     return build_edsr(preset, 1, in_chans, **{"bicubic_skip": True, **(arch_kwargs or {})})
@@ -54,28 +56,35 @@ class RainDefense(StructuredRandomization):
         return self.network(super().forward(x)).clamp(0, 1)
 
 
+@register_restorer
 class RainRestorer(RestorerModule):
     """RAIN's detail generator trained as a defense. Args (besides RestorerModule's):
 
-        preset, arch_kwargs: the DG's EDSR preset ("baseline", "large") and its overrides
-            (num_blocks, num_features, res_scale, mean, bicubic_skip).
-        min_size, max_size, max_shift, mode: SRd's range of the low-resolution side (pixels),
-            largest shift (input pixels) and downsampling interpolation, at training and inference.
+    preset, arch_kwargs: the DG's EDSR preset ("baseline", "large") and its overrides
+        (num_blocks, num_features, res_scale, mean, bicubic_skip).
+    min_size, max_size, max_shift, mode: SRd's range of the low-resolution side (pixels),
+        largest shift (input pixels) and downsampling interpolation, at training and inference.
     """
 
     kind = "rain"
 
     def __init__(
-        self, classifier: str, preset: str = "baseline", arch_kwargs: Optional[dict[str, Any]] = None,
-        min_size: int = 16, max_size: int = 28, max_shift: int = 2, mode: str = "bilinear", **kwargs: Any,
+        self,
+        classifier: str,
+        preset: str = "baseline",
+        arch_kwargs: dict[str, Any] | None = None,
+        min_size: int = 16,
+        max_size: int = 28,
+        max_shift: int = 2,
+        mode: str = "bilinear",
+        **kwargs: Any,
     ) -> None:
         super().__init__(classifier, **kwargs)
-        self.restorer = build_detail_generator(preset, self.hparams.in_chans, arch_kwargs)
-        self.srd = StructuredRandomization(min_size, max_size, max_shift, mode)  # validates the ranges
+        self.srd = StructuredRandomization(**self.defense_settings())  # validates the ranges
 
-    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        x_adv = self.adversarial_part(x, y, step)
-        source = torch.cat([x_adv, x[len(x_adv):]])
+    def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
+        x_adv = self.adversarial_part(x, y, step, evaluation)
+        source = torch.cat([x_adv, x[len(x_adv) :]])
         side, shifts = self.srd.draw(len(x), seeded_generator(x.device, step, self.global_rank, _SRD_STREAM))
         return self.srd.apply(source, side, shifts), circular_shift(x, shifts)
 
@@ -85,21 +94,23 @@ class RainRestorer(RestorerModule):
     def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
         return inputs  # already SRd + bicubic at full size: the "SRd alone" baseline
 
-    def defense(self) -> RainDefense:
-        srd = self.srd
-        return RainDefense(self.restorer, srd.min_size, srd.max_size, srd.max_shift, srd.mode)
-
-    def export_model(self) -> dict[str, Any]:
+    # --- the network and the defense, from the two settings dicts the export keeps -------------
+    def network_settings(self) -> dict[str, Any]:
         hp = self.hparams
-        return {
-            "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": hp.in_chans,
-            "srd": {key: value for key, value in self.srd.spec().items() if key != "name"}, "training": self.training_attack(),
-        }
+        return {"preset": hp.preset, "in_chans": hp.in_chans, "arch_kwargs": dict(hp.arch_kwargs or {})}
 
+    @staticmethod
+    def build_network(preset: str, in_chans: int, arch_kwargs: dict[str, Any]) -> nn.Module:
+        return build_detail_generator(preset, in_chans, arch_kwargs)
 
-def rain_defense_from_export(export: dict[str, Any], classifier: Optional[nn.Module] = None) -> RainDefense:
-    """Rebuild the defense from an export file's dict (strict weight loading)."""
-    model = export["model"]
-    network = build_detail_generator(model["preset"], model["in_chans"], model["arch_kwargs"])
-    network.load_state_dict(export["state_dict"], strict=True)
-    return RainDefense(network, **model["srd"])
+    def defense_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"min_size": hp.min_size, "max_size": hp.max_size, "max_shift": hp.max_shift, "mode": hp.mode}
+
+    @staticmethod
+    def defense_around(network: nn.Module, classifier: nn.Module | None, **settings: Any) -> RainDefense:
+        return RainDefense(network, **settings)
+
+    @staticmethod
+    def settings_from_v1(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {key: model[key] for key in ("preset", "in_chans", "arch_kwargs")}, dict(model["srd"])

@@ -12,9 +12,10 @@ The defense at inference (SuperResolutionDefense):
     -> resize to (H,W) (bicubic, antialiased; `resize: false` keeps sH x sW) -> clamp [0,1]
 All of it is differentiable, so eval.py's white-box threat model differentiates through it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from defenses.base import Defense
 from defenses.wavelet import wavelet_denoise
 from restorers.base import RestorerModule
 from restorers.edsr import build_edsr
+from restorers.registry import register_restorer
 
 
 def bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -36,7 +38,11 @@ class SuperResolutionDefense(Defense):
 
     def __init__(self, network: nn.Module, scale: int, denoise: bool, wavelet: dict[str, Any], resize: bool) -> None:
         super().__init__()
-        self.network, self.scale, self.denoise, self.wavelet, self.resize = network, scale, denoise, dict(wavelet), resize
+        self.network = network
+        self.scale = scale
+        self.denoise = denoise
+        self.wavelet = dict(wavelet)
+        self.resize = resize
 
     def spec(self) -> dict[str, Any]:
         return {"name": "sr", "scale": self.scale, "denoise": self.denoise, "resize": self.resize}
@@ -48,31 +54,37 @@ class SuperResolutionDefense(Defense):
         return (bicubic_resize(upscaled, x.shape[-2:]) if self.resize else upscaled).clamp(0, 1)
 
 
+@register_restorer
 class SuperResolutionRestorer(RestorerModule):
     """EDSR trained as a defense. Args (besides RestorerModule's):
 
-        scale: upsampling factor (2, 3, 4); preset: "baseline" or "large"; arch_kwargs: overrides
-            of the preset (num_blocks, num_features, res_scale, mean).
-        denoise, wavelet: wavelet denoising before SR at inference and on adversarial training
-            inputs; `wavelet` holds wavelet_denoise's arguments (wavelet, levels, sigma, ycbcr).
-        resize: bring the SR output back to the input size at inference.
+    scale: upsampling factor (2, 3, 4); preset: "baseline" or "large"; arch_kwargs: overrides
+        of the preset (num_blocks, num_features, res_scale, mean, bicubic_skip).
+    denoise, wavelet: wavelet denoising before SR at inference and on adversarial training
+        inputs; `wavelet` holds wavelet_denoise's arguments (wavelet, levels, sigma, ycbcr).
+    resize: bring the SR output back to the input size at inference.
     """
 
     kind = "sr"
 
     def __init__(
-        self, classifier: str, scale: int = 2, preset: str = "baseline", arch_kwargs: Optional[dict[str, Any]] = None,
-        denoise: bool = True, wavelet: Optional[dict[str, Any]] = None, resize: bool = True, **kwargs: Any,
+        self,
+        classifier: str,
+        scale: int = 2,
+        preset: str = "baseline",
+        arch_kwargs: dict[str, Any] | None = None,
+        denoise: bool = True,
+        wavelet: dict[str, Any] | None = None,
+        resize: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(classifier, **kwargs)
-        self.restorer = build_edsr(preset, scale, self.hparams.in_chans, **(arch_kwargs or {}))
-        self.wavelet = wavelet or {}
 
-    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        x_adv = self.adversarial_part(x, y, step)
+    def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
+        x_adv = self.adversarial_part(x, y, step, evaluation)
         if self.hparams.denoise and len(x_adv):
-            x_adv = wavelet_denoise(x_adv, **self.wavelet)
-        source = torch.cat([x_adv, x[len(x_adv):]])
+            x_adv = wavelet_denoise(x_adv, **self.defense_settings()["wavelet"])
+        source = torch.cat([x_adv, x[len(x_adv) :]])
         height, width = x.shape[-2:]
         low = bicubic_resize(source, (height // self.hparams.scale, width // self.hparams.scale)).clamp(0, 1)
         return low, x
@@ -83,21 +95,29 @@ class SuperResolutionRestorer(RestorerModule):
     def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
         return bicubic_resize(inputs, target.shape[-2:])
 
-    def defense(self) -> SuperResolutionDefense:
-        hp = self.hparams
-        return SuperResolutionDefense(self.restorer, hp.scale, hp.denoise, self.wavelet, hp.resize)
-
-    def export_model(self) -> dict[str, Any]:
+    # --- the network and the defense, from the two settings dicts the export keeps -------------
+    def network_settings(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "scale": hp.scale, "preset": hp.preset, "arch_kwargs": dict(hp.arch_kwargs or {}), "in_chans": self.hparams.in_chans,
-            "denoise": hp.denoise, "wavelet": dict(self.wavelet), "resize": hp.resize, "training": self.training_attack(),
+            "preset": hp.preset,
+            "scale": hp.scale,
+            "in_chans": hp.in_chans,
+            "arch_kwargs": dict(hp.arch_kwargs or {}),
         }
 
+    @staticmethod
+    def build_network(preset: str, scale: int, in_chans: int, arch_kwargs: dict[str, Any]) -> nn.Module:
+        return build_edsr(preset, scale, in_chans, **arch_kwargs)
 
-def sr_defense_from_export(export: dict[str, Any], classifier: Optional[nn.Module] = None) -> SuperResolutionDefense:
-    """Rebuild the defense from an export file's dict (strict weight loading)."""
-    model = export["model"]
-    network = build_edsr(model["preset"], model["scale"], model["in_chans"], **model["arch_kwargs"])
-    network.load_state_dict(export["state_dict"], strict=True)
-    return SuperResolutionDefense(network, model["scale"], model["denoise"], model["wavelet"], model["resize"])
+    def defense_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"scale": hp.scale, "denoise": hp.denoise, "wavelet": dict(hp.wavelet or {}), "resize": hp.resize}
+
+    @staticmethod
+    def defense_around(network: nn.Module, classifier: nn.Module | None, **settings: Any) -> SuperResolutionDefense:
+        return SuperResolutionDefense(network, **settings)
+
+    @staticmethod
+    def settings_from_v1(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        network = {key: model[key] for key in ("preset", "scale", "in_chans", "arch_kwargs")}
+        return network, {key: model[key] for key in ("scale", "denoise", "wavelet", "resize")}

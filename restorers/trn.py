@@ -24,9 +24,10 @@ Defense (TrnDefense): gradient estimation -> TRN -> classifier. When its input r
 (a white-box attacker), the gradient map is built with create_graph, so attacks differentiate
 through the estimation (double backprop); BPDA holds the gradient stream constant.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ from defenses.base import Defense
 from defenses.gradient_map import Labelling, gradient_map
 from restorers.base import RestorerModule
 from restorers.blocks import ChannelAttention, ResidualBlock, conv3x3
+from restorers.registry import register_restorer
 
 TRAINING_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm")  # ours: seeded, batched, input gradients only
 _EPS_STREAM = 2  # keeps the epsilon draws apart from the attacks' own, which share (step, rank)
@@ -49,15 +51,22 @@ class TwoStreamRestorationNetwork(nn.Module):
     """(image (N,C,H,W) in [0,1], gradient map (N,C,H,W) in [-1,1]) -> restored (N,C,H,W) in [0,1]."""
 
     def __init__(
-        self, in_chans: int = 3, num_features: int = 64, image_blocks: int = 4, gradient_blocks: int = 2,
-        fusion_blocks: int = 4, reduction: int = 16,
+        self,
+        in_chans: int = 3,
+        num_features: int = 64,
+        image_blocks: int = 4,
+        gradient_blocks: int = 2,
+        fusion_blocks: int = 4,
+        reduction: int = 16,
     ) -> None:
         super().__init__()
         self.image_stream = _stream(in_chans, num_features, image_blocks)
         self.gradient_stream = _stream(in_chans, num_features, gradient_blocks)
         self.fusion = nn.Sequential(
-            nn.Conv2d(2 * num_features, num_features, 1), ChannelAttention(num_features, reduction),
-            *(ResidualBlock(num_features) for _ in range(fusion_blocks)), conv3x3(num_features, in_chans),
+            nn.Conv2d(2 * num_features, num_features, 1),
+            ChannelAttention(num_features, reduction),
+            *(ResidualBlock(num_features) for _ in range(fusion_blocks)),
+            conv3x3(num_features, in_chans),
         )
         nn.init.zeros_(self.fusion[-1].weight)
         nn.init.zeros_(self.fusion[-1].bias)
@@ -77,15 +86,30 @@ class TrnDefense(Defense):
     needs_classifier = True
 
     def __init__(
-        self, network: nn.Module, classifier: nn.Module, labelling: Labelling = "predicted", top_k: int = 3,
-        sign: bool = False, normalize: bool = True,
+        self,
+        network: nn.Module,
+        classifier: nn.Module,
+        labelling: Labelling = "predicted",
+        top_k: int = 3,
+        sign: bool = False,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
-        self.network, self.classifier = network, classifier
-        self.labelling, self.top_k, self.sign, self.normalize = labelling, top_k, sign, normalize
+        self.network = network
+        self.classifier = classifier
+        self.labelling = labelling
+        self.top_k = top_k
+        self.sign = sign
+        self.normalize = normalize
 
     def spec(self) -> dict[str, Any]:
-        return {"name": "trn", "labelling": self.labelling, "top_k": self.top_k, "sign": self.sign, "normalize": self.normalize}
+        return {
+            "name": "trn",
+            "labelling": self.labelling,
+            "top_k": self.top_k,
+            "sign": self.sign,
+            "normalize": self.normalize,
+        }
 
     def gradient_map(self, x: Tensor, create_graph: bool) -> Tensor:
         return gradient_map(self.classifier, x, self.labelling, self.top_k, self.sign, self.normalize, create_graph)
@@ -101,26 +125,36 @@ class TrnDefense(Defense):
         return self.surrogate(x)  # forward and surrogate agree on the forward pass: no second evaluation
 
 
+@register_restorer
 class TrnRestorer(RestorerModule):
     """TRN trained against its frozen classifier. Args (besides RestorerModule's):
 
-        arch: TwoStreamRestorationNetwork's sizes (num_features, image_blocks, gradient_blocks,
-            fusion_blocks, reduction).
-        labelling, top_k, sign, normalize: the gradient map estimation (defenses/gradient_map.py).
-        attack_mix: the training attacks, families of attacks/registry.py among TRAINING_ATTACKS;
-            the iterative ones run `attack_steps` steps; `attack_eps` is the largest epsilon drawn.
+    arch: TwoStreamRestorationNetwork's sizes (num_features, image_blocks, gradient_blocks,
+        fusion_blocks, reduction).
+    labelling, top_k, sign, normalize: the gradient map estimation (defenses/gradient_map.py).
+    attack_mix: the training attacks, families of attacks/registry.py among TRAINING_ATTACKS;
+        the iterative ones run `attack_steps` steps; `attack_eps` is the largest epsilon drawn.
     """
 
     kind = "trn"
 
     def __init__(
-        self, classifier: str, arch: Optional[dict[str, Any]] = None, labelling: Labelling = "predicted", top_k: int = 3,
-        sign: bool = False, normalize: bool = True, attack_mix: tuple[str, ...] = TRAINING_ATTACKS, **kwargs: Any,
+        self,
+        classifier: str,
+        arch: dict[str, Any] | None = None,
+        labelling: Labelling = "predicted",
+        top_k: int = 3,
+        sign: bool = False,
+        normalize: bool = True,
+        attack_mix: tuple[str, ...] = TRAINING_ATTACKS,
+        **kwargs: Any,
     ) -> None:
         super().__init__(classifier, **kwargs)
         if not attack_mix or any(name not in TRAINING_ATTACKS for name in attack_mix):
-            raise ValueError(f"attack_mix takes family names among {TRAINING_ATTACKS} (steps come from attack_steps), got {list(attack_mix)}")
-        self.restorer = TwoStreamRestorationNetwork(self.hparams.in_chans, **(arch or {}))
+            raise ValueError(
+                f"attack_mix takes family names among {TRAINING_ATTACKS} (steps come from attack_steps), got "
+                f"{list(attack_mix)}"
+            )
 
     def attack_mixture(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         """The batch x (N,C,H,W) in [0,1] with its first round(adversarial_share * N) images attacked:
@@ -140,8 +174,9 @@ class TrnRestorer(RestorerModule):
                     parts.append(attack(self.classifier, x[start:stop], y[start:stop], generator))
         return torch.cat([*parts, x[count:]])
 
-    def make_pair(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        return self._two_streams(self.attack_mixture(x, y, step)), x
+    def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
+        attacked = x if evaluation else self.attack_mixture(x, y, step)
+        return self._two_streams(attacked), x
 
     def evaluation_pair(self, x: Tensor, y: Tensor, x_adv: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         return self._two_streams(x_adv), x  # validation restores its own gray-box adversarials
@@ -159,25 +194,33 @@ class TrnRestorer(RestorerModule):
     def input_as_image(self, inputs: Tensor, target: Tensor) -> Tensor:
         return inputs.chunk(2, dim=1)[0]  # the attacked image: what the classifier would see undefended
 
-    def defense(self) -> TrnDefense:
-        hp = self.hparams
-        return TrnDefense(self.restorer, self.classifier, hp.labelling, hp.top_k, hp.sign, hp.normalize)
-
     def training_attack(self) -> dict[str, Any]:
-        return {**super().training_attack(), "attack": "+".join(self.hparams.attack_mix), "eps_drawn": "uniform(0, attack_eps]"}
+        return {
+            **super().training_attack(),
+            "attack": "+".join(self.hparams.attack_mix),
+            "eps_drawn": "uniform(0, attack_eps]",
+        }
 
-    def export_model(self) -> dict[str, Any]:
+    # --- the network and the defense, from the two settings dicts the export keeps -------------
+    def network_settings(self) -> dict[str, Any]:
+        return {"in_chans": self.hparams.in_chans, "arch": dict(self.hparams.arch or {})}
+
+    @staticmethod
+    def build_network(in_chans: int, arch: dict[str, Any]) -> nn.Module:
+        return TwoStreamRestorationNetwork(in_chans, **arch)
+
+    def defense_settings(self) -> dict[str, Any]:
         hp = self.hparams
-        gradient = {key: value for key, value in self.defense().spec().items() if key != "name"}
-        return {"arch": dict(hp.arch or {}), "in_chans": hp.in_chans, "gradient_map": gradient, "training": self.training_attack()}
+        return {"labelling": hp.labelling, "top_k": hp.top_k, "sign": hp.sign, "normalize": hp.normalize}
 
+    @staticmethod
+    def defense_around(network: nn.Module, classifier: nn.Module | None, **settings: Any) -> TrnDefense:
+        if classifier is None:
+            raise ValueError(
+                "the TRN defense estimates the classifier's gradient: pass the classifier (eval.py's --classifier)"
+            )
+        return TrnDefense(network, classifier, **settings)
 
-def trn_defense_from_export(export: dict[str, Any], classifier: Optional[nn.Module] = None) -> TrnDefense:
-    """Rebuild the defense from an export file's dict (strict weight loading) around `classifier`,
-    the classifier it is evaluated with (its gradient map is that classifier's)."""
-    if classifier is None:
-        raise ValueError("the TRN defense estimates the classifier's gradient: pass the classifier (eval.py's --classifier)")
-    model = export["model"]
-    network = TwoStreamRestorationNetwork(model["in_chans"], **model["arch"])
-    network.load_state_dict(export["state_dict"], strict=True)
-    return TrnDefense(network, classifier, **model["gradient_map"])
+    @staticmethod
+    def settings_from_v1(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"in_chans": model["in_chans"], "arch": model["arch"]}, dict(model["gradient_map"])

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import eval as evaluator_cli
 from classifiers import FrozenClassifier, load_classifier
 from classifiers.factory import build_classifier
 from datamodules import render_shapes
 from defenses import CIIDefence, TeleaInpainter, make_defense
 from defenses.cam import box_mask, class_activation_maps, locate_cam_layers, peak_coordinates
 from engine.cli import RestorationCLI
+from evaluation import cli as evaluator_cli
 from restorers import InpaintingNetwork
 from restorers.export import module_from_checkpoint
 from restorers.inpainter import smooth_fill
@@ -71,8 +71,15 @@ def test_cam_peaks_fall_on_a_planted_salient_patch(pool: str):
 def test_grad_cam_equals_relu_cam_on_a_pooling_head():
     """Selvaraju et al.'s identity: on global average pooling + linear, Grad-CAM = ReLU(CAM) / (h w)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    ).eval()
     images = torch.rand(4, 3, 12, 12)
     layers = locate_cam_layers(model, images)
     assert layers.head is model[6]
@@ -184,25 +191,62 @@ def test_smooth_fill_is_a_local_mean_of_the_known_pixels():
 def cii_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RestorationCLI]:
     """A few steps of the tiny CII inpainter config against the quick-start victim: the mechanics."""
     root = tmp_path_factory.mktemp("cii")
-    cli = RestorationCLI(args=restorer_args(CII_CONFIG, shapes_victim, root, "cii", STEPS, "--model.init_args.lr", "0.005"))
+    cli = RestorationCLI(
+        args=restorer_args(CII_CONFIG, shapes_victim, root, "cii", STEPS, "--model.init_args.lr", "0.005")
+    )
     return root, cli
 
 
 def test_a_short_run_on_cifar_inpaints_better_than_telea(cifar_tree: Path, shapes_victim: Path, tmp_path: Path):
     """300 steps of the CIFAR-10 config (a small network, random boxes, restoration loss only) beat
     OpenCV's Telea inside the boxes of held-out images. The victim only has to have 10 classes here."""
-    cli = RestorationCLI(args=[
-        "fit", "--config", str(REPO_ROOT / "configs" / "cii_cifar10.yaml"), *QUIET, *run_dirs(tmp_path, "cii_cifar"),
-        "--data.init_args.root", str(cifar_tree), "--model.init_args.classifier", str(shapes_victim),
-        "--model.init_args.arch", "{num_features: 16, num_blocks: 2}", "--model.init_args.placement", "random",
-        "--model.init_args.classifier_weight", "0", "--model.init_args.adversarial_share", "0", "--model.init_args.lr", "0.005",
-        "--model.init_args.val_steps", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-        "--trainer.benchmark", "false", "--data.init_args.on_device", "false", "--data.init_args.batch_size", "32",
-        "--data.init_args.val_images", "200", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "300",
-    ])
+    cli = RestorationCLI(
+        args=[
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs" / "cii_cifar10.yaml"),
+            *QUIET,
+            *run_dirs(tmp_path, "cii_cifar"),
+            "--data.init_args.root",
+            str(cifar_tree),
+            "--model.init_args.classifier",
+            str(shapes_victim),
+            "--model.init_args.arch",
+            "{num_features: 16, num_blocks: 2}",
+            "--model.init_args.placement",
+            "random",
+            "--model.init_args.classifier_weight",
+            "0",
+            "--model.init_args.adversarial_share",
+            "0",
+            "--model.init_args.lr",
+            "0.005",
+            "--model.init_args.val_steps",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.benchmark",
+            "false",
+            "--data.init_args.on_device",
+            "false",
+            "--data.init_args.batch_size",
+            "32",
+            "--data.init_args.val_images",
+            "200",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "300",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 300
-    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.1, (float(metrics["val/psnr"]), float(metrics["val/psnr_input"]))
+    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.1, (
+        float(metrics["val/psnr"]),
+        float(metrics["val/psnr_input"]),
+    )
 
 
 def test_bpda_holds_the_forward_mask_and_differentiates_the_rest(cii_run):
@@ -245,11 +289,30 @@ def test_telea_config_builds_by_name_and_refuses_other_inpainters(shapes_victim:
 
 def test_cii_runs_through_eval_with_bpda(cii_run, shapes_victim: Path, tmp_path: Path):
     root, _ = cii_run
-    results = evaluator_cli.main([
-        "--classifier", str(shapes_victim), "--data", "shapes", "--defense", "cii:sigma=0.05", str(root / "exports" / "cii.pt"),
-        "--attacks", "pgd10", "--threats", "none,gray-box,white-box,bpda", "--n", "40", "--sanity-images", "20",
-        "--device", "cpu", "--no-progress", "--out", str(tmp_path / "cii"),
-    ])
+    results = evaluator_cli.main(
+        [
+            "--classifier",
+            str(shapes_victim),
+            "--data",
+            "shapes",
+            "--defense",
+            "cii:sigma=0.05",
+            str(root / "exports" / "cii.pt"),
+            "--attacks",
+            "pgd10",
+            "--threats",
+            "none,gray-box,white-box,bpda",
+            "--n",
+            "40",
+            "--sanity-images",
+            "20",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "cii"),
+        ]
+    )
     rows = {(row["defense"].split("(")[0], row["threat"]): row for row in results["rows"]}
     assert rows[("none", "none")]["accuracy"] <= 0.05
     for name in ("cii",):

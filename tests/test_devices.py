@@ -4,6 +4,7 @@ The whole suite runs under tests/device_audit.py (conftest); these tests check t
 and the Lightning ordering that once kept every restorer off the GPU. The rest of the class (JPEG,
 autocast on CUDA, library attacks on CUDA) is in the `gpu` tier, tests/test_gpu.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from lightning_fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from torch import nn
 
-from restorers import RESTORER_MODULES
+from restorers import restorer_class, restorer_kinds
 from tests.device_audit import ImplicitDeviceAudit, ImplicitDeviceError
 
 THIS_FILE = (str(Path(__file__)),)
@@ -42,13 +43,13 @@ def test_the_audit_names_the_line_that_creates_a_tensor_without_a_device():
         assert torch.equal(_Scaled().scale, torch.tensor([2.0], device="cpu"))  # a module's constructor is exempt
 
 
-@pytest.mark.parametrize("kind", sorted(RESTORER_MODULES))
+@pytest.mark.parametrize("kind", restorer_kinds())
 def test_restorers_need_no_device_before_lightning_moves_them(kind: str, shapes_victim: Path):
     """Lightning calls `setup` before it moves the module to the GPU, but it already makes
     `self.device` say cuda there (pytorch_lightning.trainer.call._call_setup_hook). A restorer that
     ran its classifier on `self.device` in `setup` crashed on every GPU (issue 13). Here the early
     device is `meta`: any tensor made on it and fed to the classifier's CPU buffers fails."""
-    module = RESTORER_MODULES[kind](classifier=str(shapes_victim))
+    module = restorer_class(kind)(classifier=str(shapes_victim))
     for child in module.modules():
         if isinstance(child, _DeviceDtypeModuleMixin):
             child._device = torch.device("meta")
@@ -56,9 +57,9 @@ def test_restorers_need_no_device_before_lightning_moves_them(kind: str, shapes_
     module.configure_model()
 
 
-@pytest.mark.parametrize("kind", sorted(RESTORER_MODULES))
+@pytest.mark.parametrize("kind", restorer_kinds())
 def test_a_victim_of_other_data_is_refused_when_the_restorer_is_built(kind: str, shapes_victim: Path):
     with pytest.raises(ValueError, match="has 10 classes, the data 5: train the restorer on the data its victim"):
-        RESTORER_MODULES[kind](classifier=str(shapes_victim), num_classes=5)
+        restorer_class(kind)(classifier=str(shapes_victim), num_classes=5)
     with pytest.raises(ValueError, match="has 3 channels, the data 1"):
-        RESTORER_MODULES[kind](classifier=str(shapes_victim), in_chans=1)
+        restorer_class(kind)(classifier=str(shapes_victim), in_chans=1)

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as evaluator_cli
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import DipDefense, make_defense
 from defenses.dip import GroupedSkipNetwork, stitch_trajectory
+from evaluation import cli as evaluator_cli
 from tests.conftest import REPO_ROOT
 
 DIP_CONFIG = str(REPO_ROOT / "configs" / "defenses" / "dip_cifar10.yaml")
@@ -26,14 +26,18 @@ def test_grouped_networks_are_independent_networks():
             for mine, theirs in zip(single.parameters(), batched.parameters()):
                 mine.copy_(theirs.view(3, -1)[index].view_as(mine))
     noise, targets = torch.rand(3, 4, 16, 16), torch.rand(3, 3, 16, 16)
-    torch.testing.assert_close(batched(noise), torch.cat([single(noise[i : i + 1]) for i, single in enumerate(singles)]))
+    torch.testing.assert_close(
+        batched(noise), torch.cat([single(noise[i : i + 1]) for i, single in enumerate(singles)])
+    )
     optimizers = [torch.optim.Adam(model.parameters(), lr=0.01) for model in (batched, *singles)]
     ((batched(noise) - targets).square().flatten(1).mean(1).sum()).backward()
     for i, single in enumerate(singles):
         (single(noise[i : i + 1]) - targets[i : i + 1]).square().mean().backward()
     for optimizer in optimizers:
         optimizer.step()
-    torch.testing.assert_close(batched(noise), torch.cat([single(noise[i : i + 1]) for i, single in enumerate(singles)]))
+    torch.testing.assert_close(
+        batched(noise), torch.cat([single(noise[i : i + 1]) for i, single in enumerate(singles)])
+    )
 
 
 def test_dip_fits_a_tiny_image_and_returns_a_valid_one(shapes_victim: Path):
@@ -53,7 +57,9 @@ def test_dip_fits_a_tiny_image_and_returns_a_valid_one(shapes_victim: Path):
 def test_psnr_stopping_ends_each_trajectory_and_then_the_fit(shapes_victim: Path):
     images, _ = render_shapes(2, seed=2)
     x = images.float()[:, :, :16, :16] / 255
-    defense = DipDefense(load_classifier(shapes_victim), iterations=400, record_every=10, warmup_records=1, stop_psnr=18.0)
+    defense = DipDefense(
+        load_classifier(shapes_victim), iterations=400, record_every=10, warmup_records=1, stop_psnr=18.0
+    )
     records, _, valid = defense.fit(x)
     psnr = -10 * torch.log10((records - x).square().flatten(2).mean(2))
     assert len(records) < 40  # every trajectory passed 18 dB (smoothed) before the budget ran out
@@ -101,11 +107,33 @@ def test_the_config_builds_the_defense(shapes_victim: Path):
 
 
 def test_dip_runs_through_eval_with_bpda_and_eot(shapes_victim: Path, tmp_path: Path):
-    results = evaluator_cli.main([
-        "--classifier", str(shapes_victim), "--data", "shapes", "--defense", TINY, "--attacks", "pgd3",
-        "--threats", "gray-box,bpda", "--n", "10", "--eot", "2", "--eval-draws", "1", "--sanity-images", "0",
-        "--device", "cpu", "--no-progress", "--out", str(tmp_path / "dip"),
-    ])
+    results = evaluator_cli.main(
+        [
+            "--classifier",
+            str(shapes_victim),
+            "--data",
+            "shapes",
+            "--defense",
+            TINY,
+            "--attacks",
+            "pgd3",
+            "--threats",
+            "gray-box,bpda",
+            "--n",
+            "10",
+            "--eot",
+            "2",
+            "--eval-draws",
+            "1",
+            "--sanity-images",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "dip"),
+        ]
+    )
     rows = {(row["defense"].split("(")[0], row["threat"]): row for row in results["rows"]}
     assert {("dip", "clean"), ("dip", "gray-box"), ("dip", "bpda")} <= set(rows)
     assert rows[("dip", "bpda")]["eot"] == 2 and rows[("dip", "gray-box")]["eot"] == 1

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as evaluator_cli
 from attacks import input_gradient
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import DefendedClassifier, make_defense
 from engine.cli import RestorationCLI
+from evaluation import cli as evaluator_cli
 from restorers import RainDefense
 from restorers.export import module_from_checkpoint
 from tests.conftest import REPO_ROOT, restorer_args
@@ -23,10 +23,19 @@ STEPS = 100
 def rain_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RestorationCLI]:
     """100 steps of the tiny RAIN config, restoration loss only, against the quick-start victim."""
     root = tmp_path_factory.mktemp("rain")
-    cli = RestorationCLI(args=restorer_args(
-        RAIN_CONFIG, shapes_victim, root, "rain", STEPS,
-        "--model.init_args.classifier_weight", "0.0", "--model.init_args.adversarial_share", "0.0",
-    ))
+    cli = RestorationCLI(
+        args=restorer_args(
+            RAIN_CONFIG,
+            shapes_victim,
+            root,
+            "rain",
+            STEPS,
+            "--model.init_args.classifier_weight",
+            "0.0",
+            "--model.init_args.adversarial_share",
+            "0.0",
+        )
+    )
     return root, cli
 
 
@@ -41,7 +50,10 @@ def test_a_short_run_beats_srd_alone_psnr(rain_run):
     _, cli = rain_run
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == STEPS
-    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.5, (float(metrics["val/psnr"]), float(metrics["val/psnr_input"]))
+    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.5, (
+        float(metrics["val/psnr"]),
+        float(metrics["val/psnr_input"]),
+    )
     assert metrics["val/ssim"] > metrics["val/ssim_input"]
 
 
@@ -62,7 +74,12 @@ def test_training_pairs_are_seeded_by_step_and_aligned_with_the_shift(rain_run, 
 def test_the_export_and_the_checkpoint_rebuild_the_trained_defense(rain_run, shapes_batch):
     root, cli = rain_run
     export = torch.load(root / "exports" / "rain.pt", weights_only=True)
-    assert export["kind"] == "rain" and export["model"]["srd"] == {"min_size": 16, "max_size": 28, "max_shift": 2, "mode": "bilinear"}
+    assert export["kind"] == "rain" and export["model"]["defense"] == {
+        "min_size": 16,
+        "max_size": 28,
+        "max_shift": 2,
+        "mode": "bilinear",
+    }
     x = shapes_batch[0][:6]
     trained = cli.model.defense()
     exported = make_defense(str(root / "exports" / "rain.pt"))
@@ -94,11 +111,29 @@ def test_eot_averages_the_gradient_over_the_defenses_draws(rain_run, shapes_vict
 
 def test_eval_attacks_rain_through_the_defense_with_eot(rain_run, shapes_victim: Path, tmp_path: Path):
     root, _ = rain_run
-    results = evaluator_cli.main([
-        "--classifier", str(shapes_victim), "--data", "shapes", "--out", str(tmp_path / "eval"), "--no-progress",
-        "--defense", str(root / "exports" / "rain.pt"), "--attacks", "pgd5", "--threats", "none,gray-box,white-box",
-        "--n", "50", "--eot", "2", "--eval-draws", "2",
-    ])
+    results = evaluator_cli.main(
+        [
+            "--classifier",
+            str(shapes_victim),
+            "--data",
+            "shapes",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+            "--defense",
+            str(root / "exports" / "rain.pt"),
+            "--attacks",
+            "pgd5",
+            "--threats",
+            "none,gray-box,white-box",
+            "--n",
+            "50",
+            "--eot",
+            "2",
+            "--eval-draws",
+            "2",
+        ]
+    )
     rows = {(row["threat"], row["attack"]): row for row in results["rows"] if row["defense"].startswith("rain(")}
     white_box = rows[("white-box", "pgd5")]
     assert white_box["eot"] == 2 and white_box["draws"] == 2 and rows[("gray-box", "pgd5")]["eot"] == 1

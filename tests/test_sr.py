@@ -23,9 +23,21 @@ FEW_HUNDRED_STEPS = ["--data.init_args.num_train", "6400"]  # 200 steps
 def sr_args(victim: Path, *extra: str) -> list[str]:
     """The quick start's SR config shrunk to seconds, against the session's quick-start victim."""
     return [
-        "--config", SR_CONFIG, *QUIET, "--model.init_args.classifier", str(victim),
-        "--data.init_args.num_train", str(TRAIN_IMAGES), "--data.init_args.num_test", "500",
-        "--data.init_args.val_images", "200", "--data.init_args.batch_size", str(BATCH), "--trainer.max_epochs", "1",
+        "--config",
+        SR_CONFIG,
+        *QUIET,
+        "--model.init_args.classifier",
+        str(victim),
+        "--data.init_args.num_train",
+        str(TRAIN_IMAGES),
+        "--data.init_args.num_test",
+        "500",
+        "--data.init_args.val_images",
+        "200",
+        "--data.init_args.batch_size",
+        str(BATCH),
+        "--trainer.max_epochs",
+        "1",
         *extra,
     ]
 
@@ -46,14 +58,22 @@ def sr_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 def test_edsr_baseline_has_the_papers_size():
     assert sum(p.numel() for p in build_edsr("baseline", 2, 3).parameters()) == 1_369_859
     for scale in (2, 3, 4):
-        assert build_edsr("baseline", scale, 3, num_blocks=1)(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8 * scale, 8 * scale)
+        assert build_edsr("baseline", scale, 3, num_blocks=1)(torch.rand(1, 3, 8, 8)).shape == (
+            1,
+            3,
+            8 * scale,
+            8 * scale,
+        )
 
 
 def test_a_short_run_beats_bicubic_psnr(sr_run):
     _, cli, _ = sr_run
     assert cli.trainer.global_step == 200
     metrics = cli.trainer.callback_metrics
-    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.5, (float(metrics["val/psnr"]), float(metrics["val/psnr_input"]))
+    assert metrics["val/psnr"] > metrics["val/psnr_input"] + 0.5, (
+        float(metrics["val/psnr"]),
+        float(metrics["val/psnr_input"]),
+    )
     assert metrics["val/ssim"] > metrics["val/ssim_input"]
 
 
@@ -61,7 +81,9 @@ def test_the_classifier_in_the_loop_buys_gray_box_accuracy(sr_run, shapes_victim
     """The same 200 steps with the classifier's loss on the restored images: the defense keeps
     more images under gray-box PGD (the price is PSNR, see docs/RESULTS.md)."""
     _, pixel_only, _ = sr_run
-    in_the_loop = fit_sr(tmp_path, "cls", shapes_victim, *FEW_HUNDRED_STEPS, "--model.init_args.classifier_weight", "0.01")
+    in_the_loop = fit_sr(
+        tmp_path, "cls", shapes_victim, *FEW_HUNDRED_STEPS, "--model.init_args.classifier_weight", "0.01"
+    )
     gray_box = [float(cli.trainer.callback_metrics["val/graybox_acc"]) for cli in (pixel_only, in_the_loop)]
     assert gray_box[1] > gray_box[0] + 0.05, gray_box
 
@@ -133,8 +155,15 @@ def test_bf16_mixed_precision_trains_the_restorer_on_cpu(shapes_victim: Path, tm
 
 def test_ddp_with_two_cpu_processes_trains_the_restorer(shapes_victim: Path, tmp_path: Path):
     result = run_script(
-        "train.py", "fit", *sr_args(shapes_victim, *run_dirs(tmp_path, "ddp")),
-        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "train.py",
+        "fit",
+        *sr_args(shapes_victim, *run_dirs(tmp_path, "ddp")),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = torch.load(tmp_path / "exports" / "ddp.pt", weights_only=True)["meta"]

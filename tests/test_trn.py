@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluator_cli
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import make_defense
 from defenses.gradient_map import gradient_map
 from engine.cli import RestorationCLI
+from evaluation import cli as evaluator_cli
 from restorers import TrnDefense, TrnRestorer
 from tests.conftest import REPO_ROOT, restorer_args, run_script
 
@@ -56,7 +56,9 @@ def test_the_gradient_map_is_autograds_input_gradient_at_the_predicted_label(vic
     normalized = gradient_map(victim, batch[0][:16])
     assert torch.allclose(normalized.abs().flatten(1).amax(1), torch.ones(16))
     assert torch.allclose(normalized * raw.abs().flatten(1).amax(1).view(-1, 1, 1, 1), raw, atol=1e-8)
-    assert torch.allclose(gradient_map(victim, batch[0][:16], "topk", top_k=1), normalized)  # top-1 weighted = predicted
+    assert torch.allclose(
+        gradient_map(victim, batch[0][:16], "topk", top_k=1), normalized
+    )  # top-1 weighted = predicted
 
 
 def test_the_on_the_fly_attack_fools_the_frozen_classifier_within_budget(shapes_victim: Path, victim, batch):
@@ -125,10 +127,25 @@ def test_the_export_rebuilds_the_defense_around_the_evaluated_classifier(trn_run
 
 def test_eval_runs_white_box_and_bpda_through_trn(trn_run, shapes_victim: Path, tmp_path: Path):
     root, _ = trn_run
-    results = evaluator_cli.main([
-        "--classifier", str(shapes_victim), "--data", "shapes", "--out", str(tmp_path / "eval"), "--no-progress",
-        "--defense", str(root / "exports" / "trn.pt"), "--attacks", "pgd5", "--threats", "gray-box,white-box,bpda", "--n", "50",
-    ])
+    results = evaluator_cli.main(
+        [
+            "--classifier",
+            str(shapes_victim),
+            "--data",
+            "shapes",
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+            "--defense",
+            str(root / "exports" / "trn.pt"),
+            "--attacks",
+            "pgd5",
+            "--threats",
+            "gray-box,white-box,bpda",
+            "--n",
+            "50",
+        ]
+    )
     rows = {row["threat"]: row for row in results["rows"] if row["defense"].startswith("trn(")}
     assert {"gray-box", "white-box", "bpda"} <= set(rows)
     assert rows["white-box"]["accuracy"] <= rows["gray-box"]["accuracy"]
@@ -141,7 +158,18 @@ def test_bf16_mixed_precision_trains_trn_on_cpu(shapes_victim: Path, tmp_path: P
 
 def test_ddp_with_two_cpu_processes_trains_trn(shapes_victim: Path, tmp_path: Path):
     """Each rank makes its own adversarial examples (seeded by rank) inside its step."""
-    args = trn_args(shapes_victim, tmp_path, "ddp", 20, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    args = trn_args(
+        shapes_victim,
+        tmp_path,
+        "ddp",
+        20,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    )
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = torch.load(tmp_path / "exports" / "ddp.pt", weights_only=True)["meta"]
