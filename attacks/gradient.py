@@ -10,10 +10,12 @@ and computed in fp32 even under autocast: mean-reduced losses in low precision u
 input gradients and weaken attacks. All randomness comes from an explicit torch.Generator
 (engine.seeding.seeded_generator makes one from (seed, step, rank)).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +56,7 @@ class GradientAttack:
     norm: Norm = "linf"
     eps: float = 8 / 255
     steps: int = 10
-    step_size: Optional[float] = None
+    step_size: float | None = None
     random_start: bool = True
     restarts: int = 1
     momentum: float = 0.0
@@ -70,7 +72,7 @@ class GradientAttack:
     def alpha(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
-    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def __call__(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Adversarial examples (N,C,H,W) in [0,1] within eps of x. y: (N,) true labels."""
         best = self._run(model, x, y, generator)
         if self.restarts == 1:
@@ -88,7 +90,7 @@ class GradientAttack:
         with torch.no_grad():
             return model(x).argmax(dim=1) != y
 
-    def _run(self, model: Model, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    def _run(self, model: Model, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         x = x.detach()
         x_adv = self._project(x, x + self._start(x, generator)) if self.random_start else x.clone()
         velocity = torch.zeros_like(x)
@@ -96,7 +98,9 @@ class GradientAttack:
             gradient = input_gradient(model, x_adv, y, self.eot)
             if self.momentum:
                 # MI-FGSM: accumulate L1-normalized gradients (Dong et al. 2018).
-                velocity = self.momentum * velocity + gradient / gradient.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                velocity = self.momentum * velocity + gradient / gradient.abs().flatten(1).mean(1).clamp_min(
+                    1e-12
+                ).view(-1, 1, 1, 1)
                 gradient = velocity
             x_adv = self._project(x, x_adv + self.alpha * self._direction(gradient))
         return x_adv
@@ -104,7 +108,7 @@ class GradientAttack:
     def _direction(self, gradient: Tensor) -> Tensor:
         return gradient.sign() if self.norm == "linf" else gradient / _per_image_norm(gradient)
 
-    def _start(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.norm == "linf":
             return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * self.eps
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -126,7 +130,7 @@ def fgsm(eps: float) -> GradientAttack:
     return GradientAttack("linf", eps, steps=1, step_size=eps, random_start=False)
 
 
-def bim(eps: float, steps: int = 10, step_size: Optional[float] = None) -> GradientAttack:
+def bim(eps: float, steps: int = 10, step_size: float | None = None) -> GradientAttack:
     """Iterative FGSM from the clean image (Kurakin et al. 2017)."""
     return GradientAttack("linf", eps, steps, step_size if step_size is not None else eps / steps, random_start=False)
 

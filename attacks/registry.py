@@ -1,6 +1,7 @@
 """Attacks by name, ours and the libraries', behind one call: attack(model, x, y, generator) -> x_adv.
 
-Names are a family and an optional step (or query) count: `fgsm`, `bim10`, `pgd20`, `mifgsm10`,
+Names are a family, an optional step (or query) count and, for PGD, restarts: `fgsm`, `bim10`,
+`pgd20`, `pgd100r5` (5 restarts: per image the first run that fools the model), `mifgsm10`,
 `apgd-ce` (100 steps), `apgd-dlr50`, `autoattack`, `square5000`, `cw100`, `deepfool50`.
 
 - fgsm, bim, pgd, mifgsm: ours (attacks/gradient.py), with EOT.
@@ -10,18 +11,20 @@ Names are a family and an optional step (or query) count: `fgsm`, `bim10`, `pgd2
 - cw (C&W-L2) and deepfool: foolbox 3.3.4. Both are minimum-norm attacks; the perturbation is
   clipped to the budget, so the accuracy is at that budget like every other row.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from attacks.gradient import GradientAttack, Norm, bim, fgsm, mi_fgsm
 
-AttackFn = Callable[[nn.Module, Tensor, Tensor, Optional[torch.Generator]], Tensor]
+AttackFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator | None], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,17 @@ class AttackSettings:
     steps: int
     eot: int = 1
     seed: int = 0
+    restarts: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackRecipe:
-    """How to build one attack family. uses_gradients: False for query (black-box) attacks."""
+    """How to build one attack family, and what the evaluation must know about it.
+
+    uses_gradients: False for query (black-box) attacks. iterative: a multi-step attack aiming at the
+    budget's worst case, which FGSM should never beat (a sign of masked gradients); minimum-norm
+    attacks clipped to the budget are not. supports_restarts: restarts mean something (a random start).
+    """
 
     build: Callable[[AttackSettings], AttackFn]
     default_steps: int
@@ -45,11 +54,20 @@ class AttackRecipe:
     uses_gradients: bool = True
     supports_eot: bool = True
     fixed_steps: bool = False
+    iterative: bool = True
+    supports_restarts: bool = False
+
+
+class ParsedAttack(NamedTuple):
+    family: str
+    recipe: AttackRecipe
+    steps: int
+    restarts: int
 
 
 def _ours(make: Callable[[AttackSettings], GradientAttack]) -> Callable[[AttackSettings], AttackFn]:
     def build(settings: AttackSettings) -> AttackFn:
-        attack = dataclasses.replace(make(settings), eot=settings.eot)
+        attack = dataclasses.replace(make(settings), eot=settings.eot, restarts=settings.restarts)
         return lambda model, x, y, generator: attack(model, x, y, generator)
 
     return build
@@ -63,10 +81,16 @@ def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
     def build(settings: AttackSettings) -> AttackFn:
         from pyautoattack.autopgd_base import APGDAttack
 
-        def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
             attack = APGDAttack(
-                model, n_iter=settings.steps, norm=_autoattack_norm(settings.norm), eps=settings.eps, seed=settings.seed,
-                loss=loss, eot_iter=settings.eot, device=x.device,
+                model,
+                n_iter=settings.steps,
+                norm=_autoattack_norm(settings.norm),
+                eps=settings.eps,
+                seed=settings.seed,
+                loss=loss,
+                eot_iter=settings.eot,
+                device=x.device,
             )
             return attack.perturb(x, y)
 
@@ -78,10 +102,14 @@ def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
 def _autoattack(settings: AttackSettings) -> AttackFn:
     from pyautoattack import AutoAttack
 
-    def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         version = "rand" if settings.eot > 1 else "standard"
         attack = AutoAttack(
-            model, eps=settings.eps, norm=_autoattack_norm(settings.norm), seed=settings.seed, version=version,
+            model,
+            eps=settings.eps,
+            norm=_autoattack_norm(settings.norm),
+            seed=settings.seed,
+            version=version,
             device=x.device,
         )
         if version == "rand":
@@ -95,10 +123,16 @@ def _autoattack(settings: AttackSettings) -> AttackFn:
 def _square(settings: AttackSettings) -> AttackFn:
     from pyautoattack.square import SquareAttack
 
-    def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         attack = SquareAttack(
-            model, norm=_autoattack_norm(settings.norm), n_queries=settings.steps, eps=settings.eps, p_init=0.8,
-            seed=settings.seed, device=x.device, resc_schedule=False,
+            model,
+            norm=_autoattack_norm(settings.norm),
+            n_queries=settings.steps,
+            eps=settings.eps,
+            p_init=0.8,
+            seed=settings.seed,
+            device=x.device,
+            resc_schedule=False,
         )
         return attack.perturb(x, y)
 
@@ -109,7 +143,7 @@ def _foolbox(make: Callable[[AttackSettings], object]) -> Callable[[AttackSettin
     def build(settings: AttackSettings) -> AttackFn:
         import foolbox
 
-        def run(model: nn.Module, x: Tensor, y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
             wrapped = foolbox.PyTorchModel(model.eval(), bounds=(0, 1), device=x.device)
             _, clipped, _ = make(settings)(wrapped, x, y, epsilons=settings.eps)
             return clipped
@@ -133,30 +167,46 @@ def _deepfool(settings: AttackSettings) -> object:
 
 
 RECIPES: dict[str, AttackRecipe] = {
-    "fgsm": AttackRecipe(_ours(lambda s: fgsm(s.eps)), 1, ("linf",), fixed_steps=True),
+    "fgsm": AttackRecipe(_ours(lambda s: fgsm(s.eps)), 1, ("linf",), fixed_steps=True, iterative=False),
     "bim": AttackRecipe(_ours(lambda s: bim(s.eps, s.steps)), 10, ("linf",)),
-    "pgd": AttackRecipe(_ours(lambda s: GradientAttack(s.norm, s.eps, s.steps)), 20, ("linf", "l2")),
+    "pgd": AttackRecipe(
+        _ours(lambda s: GradientAttack(s.norm, s.eps, s.steps)), 20, ("linf", "l2"), supports_restarts=True
+    ),
     "mifgsm": AttackRecipe(_ours(lambda s: mi_fgsm(s.eps, s.steps)), 10, ("linf",)),
     "apgd-ce": AttackRecipe(_apgd("ce"), 100, ("linf", "l2")),
     "apgd-dlr": AttackRecipe(_apgd("dlr"), 100, ("linf", "l2")),
     "autoattack": AttackRecipe(_autoattack, 100, ("linf", "l2"), fixed_steps=True),
-    "square": AttackRecipe(_square, 5000, ("linf", "l2"), uses_gradients=False, supports_eot=False),
-    "cw": AttackRecipe(_foolbox(_carlini_wagner), 100, ("l2",), supports_eot=False),
-    "deepfool": AttackRecipe(_foolbox(_deepfool), 50, ("linf", "l2"), supports_eot=False),
+    "square": AttackRecipe(_square, 5000, ("linf", "l2"), uses_gradients=False, supports_eot=False, iterative=False),
+    "cw": AttackRecipe(_foolbox(_carlini_wagner), 100, ("l2",), supports_eot=False, iterative=False),
+    "deepfool": AttackRecipe(_foolbox(_deepfool), 50, ("linf", "l2"), supports_eot=False, iterative=False),
 }
 
-_NAME = re.compile(r"^(?P<family>[a-z][a-z-]*?)(?P<steps>\d*)$")
+# The family is greedy: "apgd-dlr50" is apgd-dlr with 50 steps, not apgd-dl with 50 restarts.
+_NAME = re.compile(r"^(?P<family>[a-z][a-z-]*)(?P<steps>\d*)(?:r(?P<restarts>\d+))?$")
 
 
-def parse_attack(name: str) -> tuple[str, AttackRecipe, int]:
-    """'pgd20' -> ("pgd", its recipe, 20); the family's default count when no number is given."""
+def parse_attack(name: str) -> ParsedAttack:
+    """'pgd20' -> ("pgd", its recipe, 20 steps, 1 run); 'pgd100r5' -> 5 runs; the family's default
+    count when no number is given."""
     match = _NAME.match(name.strip().lower())
     if not match or match["family"] not in RECIPES:
-        raise ValueError(f"unknown attack {name!r}; families: {sorted(RECIPES)}, optionally followed by a step count")
-    recipe = RECIPES[match["family"]]
+        raise ValueError(
+            f"unknown attack {name!r}; families: {sorted(RECIPES)}, optionally followed by a step count (and rN "
+            "restarts for pgd)"
+        )
+    family, recipe = match["family"], RECIPES[match["family"]]
     if match["steps"] and recipe.fixed_steps:
-        raise ValueError(f"attack {match['family']!r} has a fixed number of steps; write {match['family']!r}")
+        raise ValueError(f"attack {family!r} has a fixed number of steps; write {family!r}")
     steps = int(match["steps"]) if match["steps"] else recipe.default_steps
-    if steps < 1:
-        raise ValueError(f"attack {name!r} needs at least one step")
-    return match["family"], recipe, steps
+    restarts = int(match["restarts"]) if match["restarts"] else 1
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"attack {name!r} needs at least one step and one run")
+    if restarts > 1 and not recipe.supports_restarts:
+        restartable = sorted(name for name, other in RECIPES.items() if other.supports_restarts)
+        raise ValueError(f"attack {family!r} takes no restarts (only {restartable}, whose start is random)")
+    return ParsedAttack(family, recipe, steps, restarts)
+
+
+def query_attacks() -> list[str]:
+    """The families that only query the model's outputs (the black-box threat model's)."""
+    return sorted(name for name, recipe in RECIPES.items() if not recipe.uses_gradients)

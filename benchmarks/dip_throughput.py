@@ -9,19 +9,21 @@ first `--batch` class-balanced test images; the one-at-a-time run fits the first
 them. Times include the classifier's labels of the trajectory and the stitching, with a device
 synchronization only at the two ends of each timed span.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from classifiers import load_classifier
+from datamodules import data_set_names
 from defenses import make_defense
 from engine.export import environment_meta
-from eval import DATASETS, load_subset, resolve_device
+from evaluation.cli import load_subset, resolve_device
 
 
 def timed(device: torch.device, run: Callable[[], object]) -> float:
@@ -38,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classifier", required=True)
     parser.add_argument("--defense", default="configs/defenses/dip_cifar10.yaml", help="a dip spec or spec file")
-    parser.add_argument("--data", default="cifar10", choices=sorted(DATASETS))
+    parser.add_argument("--data", default="cifar10", choices=data_set_names())
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--batch", dest="n", type=int, default=500, help="images fitted together")
     parser.add_argument("--single", type=int, default=20, help="images fitted one at a time")
@@ -52,12 +54,22 @@ def main() -> None:
     defense(x[: min(4, len(x))])  # warm-up: kernels, allocator
     batched = timed(device, lambda: defense(x))
     single = timed(device, lambda: [defense(x[i : i + 1]) for i in range(args.single)])
-    print(json.dumps({
-        "benchmark": "dip_throughput", "defense": defense.spec(), "device": str(device),
-        "threads": torch.get_num_threads(), "batch": len(x), "single": args.single,
-        "batched_s_per_image": round(batched / len(x), 4), "single_s_per_image": round(single / args.single, 4),
-        "speedup": round((single / args.single) / (batched / len(x)), 2), **environment_meta(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "dip_throughput",
+                "defense": defense.spec(),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "batch": len(x),
+                "single": args.single,
+                "batched_s_per_image": round(batched / len(x), 4),
+                "single_s_per_image": round(single / args.single, 4),
+                "speedup": round((single / args.single) / (batched / len(x)), 2),
+                **environment_meta(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,18 +12,19 @@ Everything random is a function of (seed, epoch, index): the shuffle order is a
 flip are drawn per epoch from the seed. A run resumed from an epoch boundary therefore sees exactly
 the batches an uninterrupted run would, without any RNG state in the checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from datamodules.subset import balanced_indices
 from engine.seeding import seeded_generator
-from evaluation.subset import balanced_indices
 
 Split = Literal["train", "test"]
 
@@ -46,6 +47,11 @@ class ImageSplit:
             raise ValueError(f"labels must be ({len(self.images)},), got {tuple(self.labels.shape)}")
         self.labels = self.labels.long()
 
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(x (n,C,H,W) float32 in [0,1], y (n,) int64) at `indices`, as a loader's batch of them
+        reaches the models."""
+        return to_unit_float(self.images[indices]), self.labels[indices]
+
 
 @dataclasses.dataclass
 class SplitBatch:
@@ -54,10 +60,10 @@ class SplitBatch:
 
     split: str
     indices: Tensor
-    images: Optional[Tensor] = None
-    labels: Optional[Tensor] = None
+    images: Tensor | None = None
+    labels: Tensor | None = None
 
-    def pin_memory(self) -> "SplitBatch":
+    def pin_memory(self) -> SplitBatch:
         pinned = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return SplitBatch(**{k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in pinned.items()})
 
@@ -70,7 +76,9 @@ class _SplitDataset(Dataset):
     """Batched access to a split (`__getitems__`): one tensor gather per batch, not per image."""
 
     def __init__(self, name: str, split: ImageSplit, indices_only: bool) -> None:
-        self.name, self.split, self.indices_only = name, split, indices_only
+        self.name = name
+        self.split = split
+        self.indices_only = indices_only
 
     def __len__(self) -> int:
         return len(self.split.labels)
@@ -145,17 +153,22 @@ class TensorImageDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         flip: bool = True,
         seed: int = 0,
-        val_images: Optional[int] = None,
+        val_images: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0:
             raise ValueError("batch sizes must be >= 1 and crop_padding >= 0")
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.on_device, self.crop_padding, self.flip, self.seed = on_device, crop_padding, flip, seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.on_device = on_device
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.seed = seed
         self.val_images = val_images
         self.splits: dict[str, ImageSplit] = {}
         self._resident: dict[tuple[str, torch.device], ImageSplit] = {}
-        self._augmentation: Optional[tuple[int, torch.device, Tensor, Tensor]] = None
+        self._augmentation: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -164,7 +177,7 @@ class TensorImageDataModule(pl.LightningDataModule):
     def load_split(self, split: Split) -> ImageSplit:
         raise NotImplementedError
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         wanted = ("train", "test") if stage in (None, "fit") else ("test",)
         for split in wanted:
             if split not in self.splits:
@@ -174,10 +187,14 @@ class TensorImageDataModule(pl.LightningDataModule):
             chosen = balanced_indices(test.labels, self.val_images, seed=0)
             self.splits["val"] = ImageSplit(test.images[chosen], test.labels[chosen])
 
-    def _loader(self, split: str, batch_size: int, sampler: Optional[DistributedSampler]) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, sampler: DistributedSampler | None) -> DataLoader:
         dataset = _SplitDataset(split, self.splits[split], indices_only=self.on_device)
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=_keep_as_is,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=_keep_as_is,
             num_workers=0 if self.on_device else self.num_workers,
             pin_memory=not self.on_device and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and not self.on_device,

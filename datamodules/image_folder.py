@@ -1,11 +1,11 @@
 """ImageFolder trees (root/<split>/<class>/<image>): small ones decoded into memory, large
 ones (ImageNet) streamed through loader workers."""
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule, to_unit_float, train_sampler
+from datamodules.registry import register_data_set
 from engine.export import atomic_save
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -89,6 +90,7 @@ def decode_image_folder(split_dir: Path, class_names: tuple[str, ...], cache: bo
     return split
 
 
+@register_data_set("folder")
 class ImageFolderTensors(TensorImageDataModule):
     """A small ImageFolder tree of equal-sized RGB images, decoded once into memory.
 
@@ -100,13 +102,16 @@ class ImageFolderTensors(TensorImageDataModule):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.class_names = folder_classes(self.root / "train")
-        self.image_size, self.cache_decoded = image_size, cache_decoded
+        self.image_size = image_size
+        self.cache_decoded = cache_decoded
 
     def load_split(self, split: Split) -> ImageSplit:
         split_dir = self.root / "train" if split == "train" else _eval_dir(self.root)
         decoded = decode_image_folder(split_dir, self.class_names, self.cache_decoded)
         if decoded.images.shape[-1] != self.image_size:
-            raise ValueError(f"images under '{split_dir}' are {decoded.images.shape[-1]} px, not image_size={self.image_size}")
+            raise ValueError(
+                f"images under '{split_dir}' are {decoded.images.shape[-1]} px, not image_size={self.image_size}"
+            )
         return decoded
 
 
@@ -114,7 +119,9 @@ def _eval_dir(root: Path) -> Path:
     for name in ("test", "val"):
         if (root / name).is_dir():
             return root / name
-    raise DataNotFoundError(f"no evaluation split under '{root}': expected '{root}/test/<class>/' or '{root}/val/<class>/'")
+    raise DataNotFoundError(
+        f"no evaluation split under '{root}': expected '{root}/test/<class>/' or '{root}/val/<class>/'"
+    )
 
 
 class ImageFolderStream(pl.LightningDataModule):
@@ -141,29 +148,45 @@ class ImageFolderStream(pl.LightningDataModule):
         super().__init__()
         self.root = Path(root)
         self.class_names = folder_classes(self.root / "train")
-        self.image_size, self.resize_size = image_size, resize_size
-        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
         self.datasets: dict[str, datasets.ImageFolder] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        train = transforms.Compose([
-            transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(), transforms.PILToTensor(),
-        ])
-        evaluate = transforms.Compose([
-            transforms.Resize(self.resize_size), transforms.CenterCrop(self.image_size), transforms.PILToTensor(),
-        ])
+    def setup(self, stage: str | None = None) -> None:
+        train = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(self.image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.PILToTensor(),
+            ]
+        )
+        evaluate = transforms.Compose(
+            [
+                transforms.Resize(self.resize_size),
+                transforms.CenterCrop(self.image_size),
+                transforms.PILToTensor(),
+            ]
+        )
         if stage in (None, "fit"):
             self.datasets["train"] = datasets.ImageFolder(str(self.root / "train"), transform=train)
         self.datasets["test"] = datasets.ImageFolder(str(_eval_dir(self.root)), transform=evaluate)
 
     def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            self.datasets[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -5,18 +5,30 @@ stripe texture, on a background with a colour gradient and a stripe texture of r
 and orientation. Edges are anti-aliased. Classification needs shape, not colour; restoration
 has edges and fine texture to recover. The same seed always gives the same images, bit for bit.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from datamodules.base import ImageSplit, Split, TensorImageDataModule
+from datamodules.registry import register_data_set
 
 SHAPE_CLASSES: tuple[str, ...] = (
-    "disk", "ring", "square", "triangle", "cross", "star", "crescent", "bar", "two_dots", "ell",
+    "disk",
+    "ring",
+    "square",
+    "triangle",
+    "cross",
+    "star",
+    "crescent",
+    "bar",
+    "two_dots",
+    "ell",
 )
 
 
@@ -53,9 +65,7 @@ _SHAPE_SDF: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "crescent": lambda u, v: torch.maximum(_circle(u, v, 1.0), -_circle(u - 0.45, v, 0.85)),
     "bar": lambda u, v: _box(u, v, 1.0, 0.28),
     "two_dots": lambda u, v: torch.minimum(_circle(u - 0.55, v, 0.42), _circle(u + 0.55, v, 0.42)),
-    "ell": lambda u, v: torch.minimum(
-        _box(u + 0.45, v, 0.28, 1.0), _box(u - 0.085, v + 0.72, 0.815, 0.28)
-    ),
+    "ell": lambda u, v: torch.minimum(_box(u + 0.45, v, 0.28, 1.0), _box(u - 0.085, v + 0.72, 0.815, 0.28)),
 }
 
 
@@ -110,7 +120,9 @@ def render_shapes(num_images: int, seed: int, image_size: int = 32) -> tuple[Ten
     g = torch.Generator().manual_seed(seed)
     n, size = num_images, image_size
     labels = (torch.arange(n, device=g.device) % len(SHAPE_CLASSES))[torch.randperm(n, generator=g, device=g.device)]
-    ys, xs = torch.meshgrid(torch.arange(size, device=g.device) + 0.5, torch.arange(size, device=g.device) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, device=g.device) + 0.5, torch.arange(size, device=g.device) + 0.5, indexing="ij"
+    )
     ys, xs = ys.expand(n, 1, size, size), xs.expand(n, 1, size, size)
 
     centre = size / 2 + _uniform(g, n, -0.15 * size, 0.15 * size, 2, 1, 1)
@@ -128,6 +140,7 @@ def render_shapes(num_images: int, seed: int, image_size: int = 32) -> tuple[Ten
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+@register_data_set("shapes")
 class Shapes(TensorImageDataModule):
     """The embedded default: textured shapes drawn in memory from `shapes_seed`, no files.
 
@@ -141,7 +154,10 @@ class Shapes(TensorImageDataModule):
         self, num_train: int = 20000, num_test: int = 2000, image_size: int = 32, shapes_seed: int = 0, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        self.num_train, self.num_test, self.image_size, self.shapes_seed = num_train, num_test, image_size, shapes_seed
+        self.num_train = num_train
+        self.num_test = num_test
+        self.image_size = image_size
+        self.shapes_seed = shapes_seed
 
     def load_split(self, split: Split) -> ImageSplit:
         count, offset = (self.num_train, 0) if split == "train" else (self.num_test, 1)

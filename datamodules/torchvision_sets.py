@@ -4,10 +4,12 @@ Each reads torchvision's on-disk format under `root` (and downloads it there whe
 `download: true` and the machine is online). CIFAR-10 also reads an ImageFolder tree
 root/train/<class>/, root/test/<class>/ such as the JPEG release of ../shared/data.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from torchvision import datasets
 
 from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule
 from datamodules.image_folder import decode_image_folder, folder_classes
+from datamodules.registry import register_data_set
 
 
 def open_torchvision(name: str, factory: Callable[..., Any], root: Path, download: bool, expected: str) -> Any:
@@ -39,6 +42,7 @@ def open_torchvision(name: str, factory: Callable[..., Any], root: Path, downloa
         ) from failed
 
 
+@register_data_set("cifar10")
 class CIFAR10(TensorImageDataModule):
     """CIFAR-10, 32x32 RGB, 10 classes: 50,000 training and 10,000 test images.
 
@@ -51,9 +55,13 @@ class CIFAR10(TensorImageDataModule):
 
     class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-    def __init__(self, root: str = "data/cifar10", download: bool = False, cache_decoded: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, root: str = "data/cifar10", download: bool = False, cache_decoded: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.root, self.download, self.cache_decoded = Path(root), download, cache_decoded
+        self.root = Path(root)
+        self.download = download
+        self.cache_decoded = cache_decoded
 
     def load_split(self, split: Split) -> ImageSplit:
         if (self.root / "train").is_dir():
@@ -62,13 +70,18 @@ class CIFAR10(TensorImageDataModule):
                 raise ValueError(f"'{self.root}/train' has classes {found}, not CIFAR-10's {self.class_names}")
             return decode_image_folder(self.root / split, self.class_names, self.cache_decoded)
         dataset = open_torchvision(
-            "CIFAR-10", lambda download: datasets.CIFAR10(str(self.root), train=split == "train", download=download),
-            self.root, self.download,
+            "CIFAR-10",
+            lambda download: datasets.CIFAR10(str(self.root), train=split == "train", download=download),
+            self.root,
+            self.download,
             "an ImageFolder tree train/<class>/ + test/<class>/ (the JPEG tarball, extracted) or cifar-10-batches-py/",
         )
-        return ImageSplit(torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets, device="cpu"))
+        return ImageSplit(
+            torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets, device="cpu")
+        )
 
 
+@register_data_set("svhn")
 class SVHN(TensorImageDataModule):
     """Street View House Numbers, 32x32 RGB digits: 73,257 training and 26,032 test images.
 
@@ -80,16 +93,21 @@ class SVHN(TensorImageDataModule):
 
     def __init__(self, root: str = "data/svhn", download: bool = False, flip: bool = False, **kwargs: Any) -> None:
         super().__init__(flip=flip, **kwargs)
-        self.root, self.download = Path(root), download
+        self.root = Path(root)
+        self.download = download
 
     def load_split(self, split: Split) -> ImageSplit:
         dataset = open_torchvision(
-            "SVHN", lambda download: datasets.SVHN(str(self.root), split=split, download=download),
-            self.root, self.download, f"{split}_32x32.mat",
+            "SVHN",
+            lambda download: datasets.SVHN(str(self.root), split=split, download=download),
+            self.root,
+            self.download,
+            f"{split}_32x32.mat",
         )
         return ImageSplit(torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels.astype(np.int64)))
 
 
+@register_data_set("fashion_mnist")
 class FashionMNIST(TensorImageDataModule):
     """Fashion-MNIST, 28x28 greyscale, 10 classes: 60,000 training and 10,000 test images.
 
@@ -103,22 +121,32 @@ class FashionMNIST(TensorImageDataModule):
     image_size = 28
 
     def __init__(
-        self, root: str = "data/fashion_mnist", download: bool = False, as_rgb: bool = False,
-        crop_padding: int = 2, **kwargs: Any,
+        self,
+        root: str = "data/fashion_mnist",
+        download: bool = False,
+        as_rgb: bool = False,
+        crop_padding: int = 2,
+        **kwargs: Any,
     ) -> None:
         super().__init__(crop_padding=crop_padding, **kwargs)
-        self.root, self.download, self.as_rgb = Path(root), download, as_rgb
+        self.root = Path(root)
+        self.download = download
+        self.as_rgb = as_rgb
         self.channels = 3 if as_rgb else 1
 
     def load_split(self, split: Split) -> ImageSplit:
         dataset = open_torchvision(
-            "Fashion-MNIST", lambda download: datasets.FashionMNIST(str(self.root), train=split == "train", download=download),
-            self.root, self.download, "FashionMNIST/raw/*-ubyte",
+            "Fashion-MNIST",
+            lambda download: datasets.FashionMNIST(str(self.root), train=split == "train", download=download),
+            self.root,
+            self.download,
+            "FashionMNIST/raw/*-ubyte",
         )
         images = dataset.data[:, None]
         return ImageSplit(images.expand(-1, self.channels, -1, -1).contiguous(), dataset.targets)
 
 
+@register_data_set("stl10")
 class STL10(TensorImageDataModule):
     """STL-10, 96x96 RGB, 10 classes: the 5,000 labelled training and 8,000 test images
     (torchvision's stl10_binary/ under root; the unlabelled split is not used)."""
@@ -128,11 +156,15 @@ class STL10(TensorImageDataModule):
 
     def __init__(self, root: str = "data/stl10", download: bool = False, crop_padding: int = 12, **kwargs: Any) -> None:
         super().__init__(crop_padding=crop_padding, **kwargs)
-        self.root, self.download = Path(root), download
+        self.root = Path(root)
+        self.download = download
 
     def load_split(self, split: Split) -> ImageSplit:
         dataset = open_torchvision(
-            "STL10", lambda download: datasets.STL10(str(self.root), split=split, download=download),
-            self.root, self.download, "stl10_binary/",
+            "STL10",
+            lambda download: datasets.STL10(str(self.root), split=split, download=download),
+            self.root,
+            self.download,
+            "stl10_binary/",
         )
         return ImageSplit(torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels.astype(np.int64)))

@@ -1,44 +1,38 @@
 """Summaries and files of an evaluation: worst case per threat model, sanity warnings, and
 results.json / results.csv / results.md / eps_accuracy.png / examples.png.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 from collections import defaultdict
-from fractions import Fraction
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from attacks.registry import parse_attack
+from defenses.base import Defense, describe
 from engine.export import atomic_write_bytes
-from evaluation.runner import Row
+from evaluation.runner import Evaluator, Row
 
 RESULTS_FORMAT = "restoration-defense-results"
-ITERATIVE = ("bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "autoattack")
 ADAPTIVE = ("white-box", "bpda")
 NON_ADAPTIVE = ("gray-box", "transfer", "black-box")
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
-
-
-def parse_eps(text: str) -> tuple[float, str]:
-    """'8/255' -> (0.03137..., '8/255'); '0.5' -> (0.5, '0.5')."""
-    value = float(Fraction(text.strip()))
-    if value < 0:
-        raise ValueError(f"epsilon must be >= 0, got {text!r}")
-    return value, text.strip()
 
 
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}"
 
 
-def _family(attack: str) -> str:
-    return attack.rstrip("0123456789")
+def _iterative(attack: str) -> bool:
+    return parse_attack(attack).recipe.iterative
 
 
 def _group(rows: Iterable[Row], key: Callable[[Row], tuple]) -> dict[tuple, list[Row]]:
@@ -69,13 +63,21 @@ def worst_case(rows: list[Row], dataset: str, architecture: str) -> list[dict[st
     for (defense, threat, norm, eps_label), members in _group(_attacked(rows), _budget).items():
         robust = torch.stack([row.correct for row in members]).amin(0).mean().item()
         autoattack = [row.accuracy for row in members if row.attack == "autoattack"]
-        summaries.append({
-            "name": defense, "dataset": dataset, "architecture": architecture, "threat": threat,
-            "threat_model": NORM_NAMES[norm], "eps": eps_label, "n": members[0].n,
-            "clean_acc": _percent(clean.get(defense, float("nan"))), "robust_acc": _percent(robust),
-            "autoattack_acc": _percent(autoattack[0]) if autoattack else None,
-            "attacks": [row.attack for row in members],
-        })
+        summaries.append(
+            {
+                "name": defense,
+                "dataset": dataset,
+                "architecture": architecture,
+                "threat": threat,
+                "threat_model": NORM_NAMES[norm],
+                "eps": eps_label,
+                "n": members[0].n,
+                "clean_acc": _percent(clean.get(defense, float("nan"))),
+                "robust_acc": _percent(robust),
+                "autoattack_acc": _percent(autoattack[0]) if autoattack else None,
+                "attacks": [row.attack for row in members],
+            }
+        )
     return summaries
 
 
@@ -91,19 +93,31 @@ def _tolerance(*rows: Row) -> float:
 
 def _one_step_warnings(rows: list[Row]) -> Iterable[str]:
     for (defense, threat, _, eps), members in _group(_attacked(rows), _budget).items():
-        iterative = [row for row in members if _family(row.attack) in ITERATIVE]
+        iterative = [row for row in members if _iterative(row.attack)]
         for one_step in (row for row in members if row.attack == "fgsm"):
-            if iterative and one_step.accuracy < min(row.accuracy for row in iterative) - _tolerance(one_step, *iterative):
-                yield f"{defense} / {threat} / eps {eps}: FGSM ({_percent(one_step.accuracy)}%) beats the iterative attacks: gradients may be masked"
+            if iterative and one_step.accuracy < min(row.accuracy for row in iterative) - _tolerance(
+                one_step, *iterative
+            ):
+                yield (
+                    f"{defense} / {threat} / eps {eps}: FGSM ({_percent(one_step.accuracy)}%) beats the iterative "
+                    "attacks: gradients may be masked"
+                )
 
 
 def _threat_warnings(rows: list[Row]) -> Iterable[str]:
-    adaptive = _group((row for row in rows if row.threat in ADAPTIVE), lambda row: (row.defense, row.norm, row.eps_label))
+    adaptive = _group(
+        (row for row in rows if row.threat in ADAPTIVE), lambda row: (row.defense, row.norm, row.eps_label)
+    )
     for row in rows:
         best = adaptive.get((row.defense, row.norm, row.eps_label))
-        if row.threat in NON_ADAPTIVE and best and row.accuracy < min(r.accuracy for r in best) - _tolerance(row, *best):
+        if (
+            row.threat in NON_ADAPTIVE
+            and best
+            and row.accuracy < min(r.accuracy for r in best) - _tolerance(row, *best)
+        ):
             yield (
-                f"{row.defense} / eps {row.eps_label}: {row.threat} {row.attack} ({_percent(row.accuracy)}%) beats every "
+                f"{row.defense} / eps {row.eps_label}: {row.threat} {row.attack} ({_percent(row.accuracy)}%) beats "
+                "every "
                 f"white-box/BPDA attack ({_percent(min(r.accuracy for r in best))}%): the adaptive attacks are too weak"
             )
 
@@ -115,7 +129,8 @@ def _epsilon_warnings(rows: list[Row]) -> Iterable[str]:
             if larger.accuracy > smaller.accuracy + _tolerance(smaller, larger):
                 yield (
                     f"{defense} / {threat} / {attack}: accuracy rises from {_percent(smaller.accuracy)}% at eps "
-                    f"{smaller.eps_label} to {_percent(larger.accuracy)}% at {larger.eps_label}: gradients may be masked"
+                    f"{smaller.eps_label} to {_percent(larger.accuracy)}% at {larger.eps_label}: gradients may be "
+                    "masked"
                 )
 
 
@@ -146,7 +161,8 @@ def _csv_text(records: list[dict[str, Any]]) -> str:
 def _markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
-        f"# {meta['classifier']} on {meta['data']} (n={meta['n']}, index hash {meta['index_hash']}, seed {meta['seed']})",
+        f"# {meta['classifier']} on {meta['data']} (n={meta['n']}, index hash {meta['index_hash']}, seed "
+        f"{meta['seed']})",
         "",
         f"Commit {meta['commit']}, {meta['device']}, {meta['date']}. Accuracy in %; EOT = gradient draws per step.",
         "",
@@ -156,10 +172,17 @@ def _markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         spread = f" ± {_percent(row['accuracy_std'])}" if row["draws"] > 1 else ""
         lines.append(
-            f"| {row['defense']} | {row['threat']} | {row['attack']} | {row['norm']} | {row['eps_label']} | {row['steps']} "
+            f"| {row['defense']} | {row['threat']} | {row['attack']} | {row['norm']} | {row['eps_label']} | "
+            f"{row['steps']} "
             f"| {row['eot']} | {row['n']} | {_percent(row['accuracy'])}{spread} | {row['seconds']:.1f} |"
         )
-    lines += ["", "Worst case over attacks (per image):", "", "| defense | threat | norm | eps | clean | robust | attacks |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Worst case over attacks (per image):",
+        "",
+        "| defense | threat | norm | eps | clean | robust | attacks |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in results["worst_case"]:
         lines.append(
             f"| {case['name']} | {case['threat']} | {case['threat_model']} | {case['eps']} | {case['clean_acc']} "
@@ -167,8 +190,11 @@ def _markdown(results: dict[str, Any]) -> str:
         )
     if "examples" in results:
         shown = results["examples"]
-        lines += ["", f"examples.png (rows: clean / adversarial / restored / difference scaled to +-eps): {shown['defense']} / "
-                  f"{shown['threat']} / {shown['attack']} at eps {shown['eps_label']}."]
+        lines += [
+            "",
+            f"examples.png (rows: clean / adversarial / restored / difference scaled to +-eps): {shown['defense']} / "
+            f"{shown['threat']} / {shown['attack']} at eps {shown['eps_label']}.",
+        ]
     lines += ["", "Sanity checks:", ""] + [f"- WARNING: {warning}" for warning in results["warnings"]]
     if not results["warnings"]:
         lines.append("- no warnings")
@@ -185,7 +211,10 @@ def _eps_plot(rows: list[Row]) -> bytes:
     from matplotlib import pyplot
 
     clean = _clean_accuracies(rows)
-    panels = {threat[0]: _group(members, _series) for threat, members in _group(_attacked(rows), lambda row: (row.threat,)).items()}
+    panels = {
+        threat[0]: _group(members, _series)
+        for threat, members in _group(_attacked(rows), lambda row: (row.threat,)).items()
+    }
     columns = max(len(panels), 1)  # an evaluation whose attacks were all skipped still gets a (blank) plot
     figure, axes = pyplot.subplots(1, columns, figsize=(4.2 * columns, 4.2), sharey=True, squeeze=False)
     for axis, (threat, series) in zip(axes[0], panels.items()):
@@ -221,6 +250,30 @@ def example_grid(clean: Tensor, adversarial: Tensor, restored: Tensor, eps: floa
     stream = io.BytesIO()
     Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(stream, format="png")
     return stream.getvalue()
+
+
+def pick_example_row(rows: list[Row]) -> Row | None:
+    """The strongest adaptive attack at the largest budget (else the strongest attack there)."""
+    attacked = [row for row in rows if row.attack != "clean" and row.defense != "none"] or [
+        row for row in rows if row.attack != "clean"
+    ]
+    if not attacked:
+        return None
+    largest = max(row.eps for row in attacked)
+    return min(
+        (row for row in attacked if row.eps == largest),
+        key=lambda row: (row.threat not in ("white-box", "bpda"), row.accuracy),
+    )
+
+
+def example_png(evaluator: Evaluator, row: Row, defenses: list[Defense]) -> bytes:
+    """clean / adversarial / restored / amplified difference of the row's first images."""
+    by_label = {describe(defense.spec()): defense for defense in defenses}
+    adversarial = row.examples.to(evaluator.images.device)
+    with torch.no_grad():
+        restored = by_label[row.defense](adversarial) if row.defense in by_label else adversarial
+    clean = evaluator.images[: len(adversarial)]
+    return example_grid(clean.cpu(), adversarial.cpu(), restored.cpu(), row.eps)
 
 
 def write_results(out: Path, results: dict[str, Any], rows: list[Row], grid_png: bytes | None) -> list[Path]:

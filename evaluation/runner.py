@@ -4,12 +4,14 @@ Every row is a function of (seed, row identity, batch index): the attack's gener
 randomized defense's draws and the library attacks' seeds are all derived from them, so the
 same command gives the same numbers, whatever other rows it also runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
 import zlib
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -17,10 +19,12 @@ from torch import Tensor, nn
 from attacks.gradient import input_gradient
 from attacks.registry import AttackSettings, parse_attack
 from defenses.base import Defense, describe
+from defenses.transforms import Identity
 from engine.seeding import seeded_generator
-from evaluation.threats import ThreatModel, attacked_model, scored_model, skip_reason
+from evaluation.threats import THREATS, ThreatModel, attacked_model, scored_model, skip_reason
 
 EXAMPLES = 8  # adversarial images kept per row for the example grid
+SANITY_EPS = {"linf": "32/255", "l2": "4"}  # the large budget at which every attack must reach ~0
 
 
 @dataclasses.dataclass
@@ -49,7 +53,11 @@ class Row:
 
     def record(self) -> dict:
         """The row as plain JSON values (without the per-image tensors)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in ("correct", "examples")}
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in ("correct", "examples")
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +74,8 @@ class AutocastLogits(nn.Module):
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model = model
+        self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, dtype=self.dtype):
@@ -86,12 +95,28 @@ class Evaluator:
     """
 
     def __init__(
-        self, classifier: nn.Module, images: Tensor, labels: Tensor, *, seed: int, batch_size: int,
-        eval_draws: int, eot: int, source: Optional[nn.Module] = None, progress: Optional[object] = None,
+        self,
+        classifier: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        seed: int,
+        batch_size: int,
+        eval_draws: int,
+        eot: int,
+        source: nn.Module | None = None,
+        progress: object | None = None,
     ) -> None:
-        self.classifier, self.images, self.labels, self.source = classifier, images, labels, source
-        self.seed, self.batch_size, self.eval_draws, self.eot, self.progress = seed, batch_size, eval_draws, eot, progress
-        self._shared: Optional[tuple[tuple, list[Tensor], float]] = None
+        self.classifier = classifier
+        self.images = images
+        self.labels = labels
+        self.source = source
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_draws = eval_draws
+        self.eot = eot
+        self.progress = progress
+        self._shared: tuple[tuple, list[Tensor], float] | None = None
 
     @property
     def batches_per_row(self) -> int:
@@ -101,7 +126,7 @@ class Evaluator:
         for index, start in enumerate(range(0, len(self.labels), self.batch_size)):
             yield index, self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
 
-    def _score(self, model: nn.Module, defense: Optional[Defense], x: Tensor, y: Tensor, keys: tuple[int, ...]) -> Tensor:
+    def _score(self, model: nn.Module, defense: Defense | None, x: Tensor, y: Tensor, keys: tuple[int, ...]) -> Tensor:
         """(draws, batch) float correctness of `model` on x."""
         draws = self.eval_draws if defense is not None and defense.randomized else 1
         scores = []
@@ -130,8 +155,17 @@ class Evaluator:
         self._shared = (key, adversarials, seconds) if shareable else None
         return adversarials, seconds
 
-    def _row(self, scorer: nn.Module, defense: Optional[Defense], threat: str, attack: str, settings: AttackSettings,
-             eps_label: str, adversarials: list[Tensor], attack_seconds: float) -> Row:
+    def _row(
+        self,
+        scorer: nn.Module,
+        defense: Defense | None,
+        threat: str,
+        attack: str,
+        settings: AttackSettings,
+        eps_label: str,
+        adversarials: list[Tensor],
+        attack_seconds: float,
+    ) -> Row:
         """Score the adversarial batches; seconds = the attack's time plus the scoring's."""
         started, label = time.perf_counter(), describe(defense.spec()) if defense else "none"
         row_key = _key("score", label, threat, attack, settings.norm, settings.eps)
@@ -143,14 +177,27 @@ class Evaluator:
         per_draw = torch.cat(scores, dim=1)  # (draws, n)
         accuracy_per_draw = per_draw.mean(1)
         return Row(
-            defense=label, threat=threat, attack=attack, norm=settings.norm, eps=settings.eps, eps_label=eps_label,
-            steps=settings.steps, restarts=1, eot=settings.eot, n=per_draw.shape[1], accuracy=accuracy_per_draw.mean().item(),
+            defense=label,
+            threat=threat,
+            attack=attack,
+            norm=settings.norm,
+            eps=settings.eps,
+            eps_label=eps_label,
+            steps=settings.steps,
+            restarts=settings.restarts,
+            eot=settings.eot,
+            n=per_draw.shape[1],
+            accuracy=accuracy_per_draw.mean().item(),
             accuracy_std=accuracy_per_draw.std().item() if len(accuracy_per_draw) > 1 else 0.0,
-            draws=len(accuracy_per_draw), seconds=round(seconds, 3), img_per_s=round(per_draw.shape[1] / seconds, 1),
-            seed=self.seed, correct=per_draw.mean(0).cpu(), examples=adversarials[0][:EXAMPLES].cpu(),
+            draws=len(accuracy_per_draw),
+            seconds=round(seconds, 3),
+            img_per_s=round(per_draw.shape[1] / seconds, 1),
+            seed=self.seed,
+            correct=per_draw.mean(0).cpu(),
+            examples=adversarials[0][:EXAMPLES].cpu(),
         )
 
-    def clean(self, defense: Optional[Defense]) -> Row:
+    def clean(self, defense: Defense | None) -> Row:
         """Accuracy on unperturbed images: the classifier alone (defense None) or behind the defense."""
         scorer = self.classifier if defense is None else scored_model(_DEFENDED, self.classifier, defense)
         threat = "none" if defense is None else "clean"
@@ -159,9 +206,11 @@ class Evaluator:
             self.progress.update(self.batches_per_row)
         return self._row(scorer, defense, threat, "clean", AttackSettings("linf", 0.0, 0), "0", images, 0.0)
 
-    def attack(self, defense: Defense, threat: ThreatModel, attack: str, norm: str, eps: float, eps_label: str) -> Row | Skipped:
+    def attack(
+        self, defense: Defense, threat: ThreatModel, attack: str, norm: str, eps: float, eps_label: str
+    ) -> Row | Skipped:
         """One row: `attack` (a registry name) at `eps` in `norm` under `threat`."""
-        family, recipe, steps = parse_attack(attack)
+        family, recipe, steps, restarts = parse_attack(attack)
         label = describe(defense.spec()) if threat.defended else "none"
         reason = skip_reason(threat, recipe, defense, self.source is not None)
         if reason is None and norm not in recipe.norms:
@@ -175,14 +224,14 @@ class Evaluator:
 
         def run(x: Tensor, y: Tensor, generator: torch.Generator, keys: tuple[int, ...]) -> Tensor:
             defense.reseed(*keys, 0)
-            settings = AttackSettings(norm, eps, steps, eot, seed=_key(*keys) % 2**31)
+            settings = AttackSettings(norm, eps, steps, eot, seed=_key(*keys) % 2**31, restarts=restarts)
             return recipe.build(settings)(attacker, x, y, generator).detach()
 
         shareable = not threat.through_defense
         attack_key = ("shared" if shareable else label, threat.name, attack, norm, eps)
         adversarials, seconds = self._adversarials(attack_key, shareable, run)
         scorer, scored_defense = scored_model(threat, self.classifier, defense), defense if threat.defended else None
-        settings = AttackSettings(norm, eps, steps, eot)
+        settings = AttackSettings(norm, eps, steps, eot, restarts=restarts)
         return self._row(scorer, scored_defense, threat.name, attack, settings, eps_label, adversarials, seconds)
 
     def zero_gradient_share(self, defense: Defense, threat: ThreatModel, limit: int = 64) -> float:
@@ -195,3 +244,62 @@ class Evaluator:
 
 # The clean row of a defense is scored like every defended threat model.
 _DEFENDED = ThreatModel("clean", "no attack; score classifier+defense", "classifier")
+
+
+def parse_eps(text: str) -> tuple[float, str]:
+    """'8/255' -> (0.03137..., '8/255'); '0.5' -> (0.5, '0.5')."""
+    value = float(Fraction(text.strip()))
+    if value < 0:
+        raise ValueError(f"epsilon must be >= 0, got {text!r}")
+    return value, text.strip()
+
+
+def run_rows(
+    evaluator: Evaluator,
+    defenses: list[Defense],
+    threats: list[ThreatModel],
+    attacks: list[str],
+    norm: str,
+    budgets: list[tuple[float, str]],
+) -> tuple[list[Row], list[Skipped]]:
+    """Clean rows, then every threat x attack x epsilon; the undefended threat once, not per defense."""
+    rows: list[Row] = [evaluator.clean(None)] + [evaluator.clean(defense) for defense in defenses]
+    skipped: list[Skipped] = []
+    for threat in threats:
+        for attack in attacks:
+            for eps, label in budgets:
+                # Defenses innermost: an attack that never sees the defense is computed once for all.
+                for defense in [Identity()] if not threat.defended else defenses:
+                    result = evaluator.attack(defense, threat, attack, norm, eps, label)
+                    (skipped if isinstance(result, Skipped) else rows).append(result)
+    return rows, list(dict.fromkeys(skipped))
+
+
+def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str, count: int) -> list[Row]:
+    """PGD-20 at a large budget on the first `count` images: undefended, and through each defense adaptively."""
+    if count == 0:
+        return []
+    eps, label = parse_eps(SANITY_EPS[norm])
+    small = Evaluator(
+        evaluator.classifier,
+        evaluator.images[:count],
+        evaluator.labels[:count],
+        seed=evaluator.seed,
+        batch_size=evaluator.batch_size,
+        eval_draws=evaluator.eval_draws,
+        eot=evaluator.eot,
+    )
+    rows = [small.attack(Identity(), THREATS["none"], "pgd20", norm, eps, label)]
+    for defense in defenses:
+        threat = THREATS["white-box" if defense.differentiable else "bpda"]
+        rows.append(small.attack(defense, threat, "pgd20", norm, eps, label))
+    return [row for row in rows if isinstance(row, Row)]
+
+
+def zero_gradient_shares(evaluator: Evaluator, defenses: list[Defense], threats: list[ThreatModel]) -> dict[str, float]:
+    shares = {}
+    for defense in defenses:
+        for threat in threats:
+            if threat.through_defense and not threat.queries_only and (defense.differentiable or threat.name == "bpda"):
+                shares[f"{describe(defense.spec())} / {threat.name}"] = evaluator.zero_gradient_share(defense, threat)
+    return shares

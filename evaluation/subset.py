@@ -1,10 +1,8 @@
-"""The evaluation subset: a stored, class-balanced list of test-set indices and its hash.
-
-Image-folder test sets are sorted by class, so "the first 1000 images" of CIFAR-10 are all
-airplanes. Every evaluation draws n // K images per class (the remainder going to the classes
-that come first in a seeded order), stores the list beside its results and records its hash;
-two results with the same hash were measured on the same images.
+"""The evaluation subset's record: the class-balanced list of test-set indices an evaluation used
+(drawn by datamodules.subset.balanced_indices), stored beside its results with its hash; two
+results with the same hash were measured on the same images.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,25 +13,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.seeding import seeded_generator
-
-
-def balanced_indices(labels: Tensor, n: int, seed: int) -> Tensor:
-    """n indices into `labels` ((N,) int64), as equal per class as possible, sorted ascending."""
-    classes = labels.unique()
-    if n < 1 or n > len(labels):
-        raise ValueError(f"n must be in 1..{len(labels)} (the test split's size), got {n}")
-    generator = seeded_generator("cpu", seed)
-    quota = torch.full((len(classes),), n // len(classes), device="cpu")
-    quota[torch.randperm(len(classes), generator=generator, device="cpu")[: n % len(classes)]] += 1
-    chosen = []
-    for label, count in zip(classes.tolist(), quota.tolist()):
-        members = (labels == label).nonzero().flatten()
-        if count > len(members):
-            raise ValueError(f"class {label} has {len(members)} test images, fewer than the {count} a balanced n={n} needs")
-        chosen.append(members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)[:count]])
-    return torch.cat(chosen).sort().values
-
 
 def index_hash(dataset: str, indices: Tensor) -> str:
     """sha256 (first 16 hex digits) of the data set's name and the index list."""
@@ -42,7 +21,13 @@ def index_hash(dataset: str, indices: Tensor) -> str:
 
 
 def index_record(dataset: str, indices: Tensor, seed: int) -> dict[str, Any]:
-    return {"dataset": dataset, "split": "test", "seed": seed, "hash": index_hash(dataset, indices), "indices": indices.tolist()}
+    return {
+        "dataset": dataset,
+        "split": "test",
+        "seed": seed,
+        "hash": index_hash(dataset, indices),
+        "indices": indices.tolist(),
+    }
 
 
 def read_index_record(path: str | Path, dataset: str, split_size: int) -> Tensor:

@@ -3,14 +3,15 @@
 Every result row names one of these; a number without its threat model means nothing for a
 purification defense (Athalye et al. 2018).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 from torch import nn
 
-from attacks.registry import AttackRecipe
+from attacks.registry import AttackRecipe, query_attacks
 from defenses.base import DefendedClassifier, Defense
 
 Attacker = Literal["classifier", "exact", "bpda", "source"]
@@ -37,10 +38,23 @@ THREATS: dict[str, ThreatModel] = {
     threat.name: threat
     for threat in (
         ThreatModel("none", "undefended: attack and score the classifier alone", "classifier", defended=False),
-        ThreatModel("gray-box", "attack the classifier alone, score classifier+defense (the seed papers' setting)", "classifier"),
-        ThreatModel("white-box", "attack classifier+defense with exact gradients (double backprop where the defense differentiates the classifier)", "exact"),
-        ThreatModel("bpda", "attack classifier+defense; the defense's surrogate (identity by default) on the backward pass", "bpda"),
-        ThreatModel("transfer", "attack a second classifier (--transfer-from) alone, score classifier+defense", "source"),
+        ThreatModel(
+            "gray-box", "attack the classifier alone, score classifier+defense (the seed papers' setting)", "classifier"
+        ),
+        ThreatModel(
+            "white-box",
+            "attack classifier+defense with exact gradients (double backprop where the defense differentiates the "
+            "classifier)",
+            "exact",
+        ),
+        ThreatModel(
+            "bpda",
+            "attack classifier+defense; the defense's surrogate (identity by default) on the backward pass",
+            "bpda",
+        ),
+        ThreatModel(
+            "transfer", "attack a second classifier (--transfer-from) alone, score classifier+defense", "source"
+        ),
         ThreatModel("black-box", "query attacks on classifier+defense outputs only", "exact", queries_only=True),
     )
 }
@@ -54,10 +68,10 @@ def parse_threats(text: str) -> list[ThreatModel]:
     return [THREATS[name] for name in names]
 
 
-def skip_reason(threat: ThreatModel, recipe: AttackRecipe, defense: Defense, has_source: bool) -> Optional[str]:
+def skip_reason(threat: ThreatModel, recipe: AttackRecipe, defense: Defense, has_source: bool) -> str | None:
     """Why this attack cannot run under this threat model against this defense, or None."""
     if threat.queries_only and recipe.uses_gradients:
-        return "black-box allows query attacks only (square)"
+        return f"black-box allows query attacks only ({', '.join(query_attacks())})"
     if not recipe.uses_gradients and threat.name not in ("none", "black-box"):
         return "query attacks run under black-box (and none); this threat model is about gradients"
     if threat.attacker == "exact" and not threat.queries_only and not defense.differentiable:
@@ -67,7 +81,7 @@ def skip_reason(threat: ThreatModel, recipe: AttackRecipe, defense: Defense, has
     return None
 
 
-def attacked_model(threat: ThreatModel, classifier: nn.Module, defense: Defense, source: Optional[nn.Module]) -> nn.Module:
+def attacked_model(threat: ThreatModel, classifier: nn.Module, defense: Defense, source: nn.Module | None) -> nn.Module:
     """The model the attack computes gradients of (or queries) under `threat`."""
     if threat.attacker == "classifier":
         return classifier

@@ -8,34 +8,75 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as evaluator_cli
-from attacks import AttackSettings, parse_attack, seeded_generator
+from attacks import RECIPES, AttackSettings, parse_attack, seeded_generator
 from classifiers import load_classifier
 from datamodules import render_shapes
-from engine.export import NotAnExportError
-from evaluation.report import sanity_warnings, worst_case
+from datamodules.subset import balanced_indices
 from defenses import make_defense
+from engine.export import NotAnExportError
+from evaluation import cli as evaluator_cli
+from evaluation.report import sanity_warnings, worst_case
 from evaluation.runner import Evaluator, Row
-from evaluation.subset import balanced_indices, index_hash, index_record, read_index_record
+from evaluation.subset import index_hash, index_record, read_index_record
 from evaluation.threats import THREATS
 
 ROW_FIELDS = {
-    "defense", "threat", "attack", "norm", "eps", "eps_label", "steps", "restarts", "eot", "n", "accuracy", "accuracy_std",
-    "draws", "seconds", "img_per_s", "seed",
+    "defense",
+    "threat",
+    "attack",
+    "norm",
+    "eps",
+    "eps_label",
+    "steps",
+    "restarts",
+    "eot",
+    "n",
+    "accuracy",
+    "accuracy_std",
+    "draws",
+    "seconds",
+    "img_per_s",
+    "seed",
 }
-ROBUSTBENCH_FIELDS = {"name", "dataset", "architecture", "threat_model", "eps", "clean_acc", "robust_acc", "autoattack_acc"}
+ROBUSTBENCH_FIELDS = {
+    "name",
+    "dataset",
+    "architecture",
+    "threat_model",
+    "eps",
+    "clean_acc",
+    "robust_acc",
+    "autoattack_acc",
+}
 
 
 def evaluate(victim: Path, out: Path, *extra: str) -> dict:
-    return evaluator_cli.main(["--classifier", str(victim), "--data", "shapes", "--out", str(out), "--no-progress", *extra])
+    return evaluator_cli.main(
+        ["--classifier", str(victim), "--data", "shapes", "--out", str(out), "--no-progress", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
 def baseline_run(shapes_victim: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("eval") / "baselines"
     results = evaluate(
-        shapes_victim, out, "--defense", "bit_depth:bits=4", "random_resize_pad:max_pad=4", "--attacks", "fgsm,pgd10",
-        "--threats", "none,gray-box,white-box,bpda", "--eps", "4/255,8/255", "--n", "100", "--eot", "2", "--eval-draws", "2",
+        shapes_victim,
+        out,
+        "--defense",
+        "bit_depth:bits=4",
+        "random_resize_pad:max_pad=4",
+        "--attacks",
+        "fgsm,pgd10",
+        "--threats",
+        "none,gray-box,white-box,bpda",
+        "--eps",
+        "4/255,8/255",
+        "--n",
+        "100",
+        "--eot",
+        "2",
+        "--eval-draws",
+        "2",
     )
     return out, results
 
@@ -86,7 +127,20 @@ def test_worst_case_is_pointwise_over_attacks(baseline_run):
 
 
 def test_same_seed_same_numbers(shapes_victim: Path, tmp_path: Path):
-    arguments = ["--defense", "random_resize_pad", "--attacks", "pgd5", "--threats", "gray-box,bpda", "--n", "40", "--eot", "2", "--eval-draws", "2"]
+    arguments = [
+        "--defense",
+        "random_resize_pad",
+        "--attacks",
+        "pgd5",
+        "--threats",
+        "gray-box,bpda",
+        "--n",
+        "40",
+        "--eot",
+        "2",
+        "--eval-draws",
+        "2",
+    ]
     first = evaluate(shapes_victim, tmp_path / "a", *arguments)
     second = evaluate(shapes_victim, tmp_path / "b", *arguments)
     third = evaluate(shapes_victim, tmp_path / "c", *arguments, "--seed", "1")
@@ -146,9 +200,24 @@ def _row(threat: str, attack: str, eps: float, accuracy: float, defense: str = "
     correct = torch.zeros(100)
     correct[: round(accuracy * 100)] = 1
     return Row(
-        defense=defense, threat=threat, attack=attack, norm="linf", eps=eps, eps_label=f"{eps:g}", steps=10, restarts=1,
-        eot=1, n=100, accuracy=accuracy, accuracy_std=0.0, draws=1, seconds=1.0, img_per_s=100.0, seed=0,
-        correct=correct, examples=torch.zeros(0),
+        defense=defense,
+        threat=threat,
+        attack=attack,
+        norm="linf",
+        eps=eps,
+        eps_label=f"{eps:g}",
+        steps=10,
+        restarts=1,
+        eot=1,
+        n=100,
+        accuracy=accuracy,
+        accuracy_std=0.0,
+        draws=1,
+        seconds=1.0,
+        img_per_s=100.0,
+        seed=0,
+        correct=correct,
+        examples=torch.zeros(0),
     )
 
 
@@ -173,17 +242,35 @@ def test_worst_case_counts_an_image_robust_only_against_every_attack():
     assert case["robust_acc"] == "0.00" and case["clean_acc"] == "90.00" and case["threat"] == "bpda"
 
 
-@pytest.mark.parametrize(
-    "name, norm, eps, ceiling",
-    [("apgd-ce", "linf", 8 / 255, 0.05), ("apgd-dlr20", "linf", 8 / 255, 0.05), ("autoattack", "linf", 8 / 255, 0.05),
-     ("square300", "linf", 8 / 255, 0.6), ("cw30", "l2", 1.0, 0.1), ("deepfool", "linf", 8 / 255, 0.1), ("mifgsm10", "linf", 8 / 255, 0.1)],
-)
-def test_library_attacks_break_the_undefended_victim(shapes_victim: Path, name, norm, eps, ceiling):
+# One case per RECIPES family at least (test_every_attack_family_has_a_case): a new attack lands with one.
+ATTACK_CASES = [
+    ("fgsm", "linf", 8 / 255, 0.3),
+    ("bim10", "linf", 8 / 255, 0.05),
+    ("pgd10", "linf", 8 / 255, 0.05),
+    ("pgd5r2", "l2", 1.0, 0.1),
+    ("mifgsm10", "linf", 8 / 255, 0.1),
+    ("apgd-ce", "linf", 8 / 255, 0.05),
+    ("apgd-dlr20", "linf", 8 / 255, 0.05),
+    ("autoattack", "linf", 8 / 255, 0.05),
+    ("square300", "linf", 8 / 255, 0.6),
+    ("cw30", "l2", 1.0, 0.1),
+    ("deepfool", "linf", 8 / 255, 0.1),
+]
+
+
+def test_every_attack_family_has_a_case():
+    assert {parse_attack(name).family for name, *_ in ATTACK_CASES} == set(RECIPES)
+
+
+@pytest.mark.parametrize("name, norm, eps, ceiling", ATTACK_CASES)
+def test_every_attack_breaks_the_undefended_victim(shapes_victim: Path, name, norm, eps, ceiling):
     victim = load_classifier(shapes_victim)
     images, labels = render_shapes(50, seed=1)
     x = images.float() / 255
-    _, recipe, steps = parse_attack(name)
-    x_adv = recipe.build(AttackSettings(norm, eps, steps))(victim, x, labels, seeded_generator("cpu", 0))
+    _, recipe, steps, restarts = parse_attack(name)
+    x_adv = recipe.build(AttackSettings(norm, eps, steps, restarts=restarts))(
+        victim, x, labels, seeded_generator("cpu", 0)
+    )
     budget = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
     assert budget.max() <= eps + 1e-5 and 0 <= x_adv.min() and x_adv.max() <= 1
     with torch.no_grad():
@@ -197,26 +284,60 @@ def test_attack_names_are_checked():
         parse_attack("pgdx")
     with pytest.raises(ValueError, match="fixed number of steps"):
         parse_attack("fgsm10")
+    assert parse_attack("apgd-dlr50")[0::2] == ("apgd-dlr", 50)  # a family ending in r is not a restart count
+    with pytest.raises(ValueError, match="takes no restarts"):
+        parse_attack("bim10r3")
+
+
+def test_restarts_run_from_the_name_to_the_attack_and_the_row(shapes_victim: Path):
+    """`pgd5r3` runs PGD-5 three times (each a forward-backward per step), and the row says so."""
+    classifier, calls = load_classifier(shapes_victim), []
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.requires_grad)
+        return classifier(x)
+
+    images, labels = render_shapes(8, seed=2)
+    x = images.float() / 255
+    for name, runs in (("pgd5", 1), ("pgd5r3", 3)):
+        calls.clear()
+        family, recipe, steps, restarts = parse_attack(name)
+        recipe.build(AttackSettings("linf", 0.01, steps, restarts=restarts))(
+            counting, x, labels, seeded_generator("cpu", 0)
+        )
+        assert sum(calls) == 5 * runs, name  # gradient evaluations; the restarts' bookkeeping forwards need none
+    evaluator = Evaluator(classifier, x, labels, seed=0, batch_size=8, eval_draws=1, eot=1)
+    row = evaluator.attack(make_defense("identity"), THREATS["none"], "pgd5r3", "linf", 0.01, "0.01")
+    assert (row.steps, row.restarts) == (5, 3)
 
 
 def test_gray_box_adversarials_are_computed_once_for_all_defenses(shapes_victim: Path):
     images, labels = render_shapes(30, seed=1)
-    evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=16, eval_draws=1, eot=1)
+    evaluator = Evaluator(
+        load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=16, eval_draws=1, eot=1
+    )
     median, wavelet = make_defense("median"), make_defense("wavelet")
 
     def examples(defense, threat: str) -> torch.Tensor:
         return evaluator.attack(defense, THREATS[threat], "pgd5", "linf", 8 / 255, "8/255").examples
 
-    assert torch.equal(examples(median, "gray-box"), examples(wavelet, "gray-box"))  # the attacker never sees the defense
+    assert torch.equal(
+        examples(median, "gray-box"), examples(wavelet, "gray-box")
+    )  # the attacker never sees the defense
     assert not torch.equal(examples(median, "white-box"), examples(wavelet, "white-box"))
 
 
 def test_transfer_and_black_box_threat_models(shapes_victim: Path, tmp_path: Path):
     common = ["--defense", "median", "--attacks", "pgd5,square100", "--n", "30", "--eps", "8/255"]
-    results = evaluate(shapes_victim, tmp_path / "a", *common, "--threats", "transfer,black-box", "--transfer-from", str(shapes_victim))
+    results = evaluate(
+        shapes_victim, tmp_path / "a", *common, "--threats", "transfer,black-box", "--transfer-from", str(shapes_victim)
+    )
     ran = {(row["threat"], row["attack"]) for row in results["rows"]}
     assert {("transfer", "pgd5"), ("black-box", "square100")} <= ran
-    assert {(s["threat"], s["attack"]) for s in results["skipped"]} == {("transfer", "square100"), ("black-box", "pgd5")}
+    assert {(s["threat"], s["attack"]) for s in results["skipped"]} == {
+        ("transfer", "square100"),
+        ("black-box", "pgd5"),
+    }
     without_source = evaluate(shapes_victim, tmp_path / "b", *common, "--threats", "transfer")
     assert any("--transfer-from" in s["reason"] for s in without_source["skipped"])
 
@@ -231,7 +352,11 @@ def test_a_lightning_checkpoint_is_a_classifier_too(shapes_victim: Path, tmp_pat
 
 def test_autoattack_runs_its_rand_version_with_eot_against_a_randomized_defense(shapes_victim: Path):
     images, labels = render_shapes(20, seed=1)
-    evaluator = Evaluator(load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=20, eval_draws=2, eot=2)
-    row = evaluator.attack(make_defense("random_resize_pad"), THREATS["white-box"], "autoattack", "linf", 8 / 255, "8/255")
+    evaluator = Evaluator(
+        load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=20, eval_draws=2, eot=2
+    )
+    row = evaluator.attack(
+        make_defense("random_resize_pad"), THREATS["white-box"], "autoattack", "linf", 8 / 255, "8/255"
+    )
     assert row.eot == 2 and row.draws == 2  # APGD-CE + APGD-DLR with EOT, scored over two draws
     assert row.accuracy < 0.2

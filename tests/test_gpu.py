@@ -14,23 +14,25 @@ Data: the real CIFAR-10 (100 JPEGs per class and split of ../shared/data's tree,
 their own formats (tests/data_files.py); the embedded shapes. Without CUDA the tier is skipped;
 RD_GPU_TIER_ON_CPU=1 runs it on the CPU with small batches, a dry run of its logic only.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
 
-import eval as evaluator_cli
 from attacks import pgd, seeded_generator
 from classifiers import load_classifier
 from defenses import Jpeg, make_defense
 from defenses.cam import locate_cam_layers
 from engine.cli import RestorationCLI
+from evaluation import cli as evaluator_cli
 from tests.conftest import QUIET, REPO_ROOT, gpu_tier_device, run_dirs, run_script, torch_flags_kept
 from tests.data_files import accept_written_files, cifar_subset_tree, shapes_split, write_data_set
 
@@ -40,8 +42,11 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 STEPS = 3
 # data.class_path -> eval.py's --data name
 DATA_NAMES = {
-    "datamodules.Shapes": "shapes", "datamodules.CIFAR10": "cifar10", "datamodules.SVHN": "svhn",
-    "datamodules.FashionMNIST": "fashion_mnist", "datamodules.STL10": "stl10",
+    "datamodules.Shapes": "shapes",
+    "datamodules.CIFAR10": "cifar10",
+    "datamodules.SVHN": "svhn",
+    "datamodules.FashionMNIST": "fashion_mnist",
+    "datamodules.STL10": "stl10",
 }
 
 
@@ -55,7 +60,9 @@ def data_class(path: Path) -> str:
 
 def train_images(data: str) -> int:
     """Training images the tier writes for `data`: STEPS full batches of its largest config batch."""
-    return STEPS * max(config_of(path)["data"]["init_args"]["batch_size"] for path in CONFIGS if data_class(path) == data)
+    return STEPS * max(
+        config_of(path)["data"]["init_args"]["batch_size"] for path in CONFIGS if data_class(path) == data
+    )
 
 
 def is_victim(path: Path) -> bool:
@@ -68,11 +75,15 @@ class DeviceRecorder(pl.Callback):
     def __init__(self) -> None:
         self.seen: dict[str, Any] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.seen:
-            classifier = getattr(pl_module, "classifier")
+            classifier = pl_module.classifier
             self.seen = {
-                "batch": batch[0].device.type, "dtype": batch[0].dtype, "module": pl_module.device.type,
+                "batch": batch[0].device.type,
+                "dtype": batch[0].dtype,
+                "module": pl_module.device.type,
                 "classifier_buffers": {buffer.device.type for buffer in classifier.buffers()},
                 "loss_finite": bool(torch.isfinite(outputs["loss"]).item()),
             }
@@ -82,7 +93,9 @@ class Tier:
     """Fits each config once per session (victims before the restorers that need them) and keeps the exports."""
 
     def __init__(self, root: Path, device: torch.device, data_roots: dict[str, Path]) -> None:
-        self.root, self.device, self.data_roots = root, device, data_roots
+        self.root = root
+        self.device = device
+        self.data_roots = data_roots
         self.exports: dict[str, Path] = {}
         self.recorded: dict[str, dict[str, Any]] = {}
 
@@ -90,12 +103,21 @@ class Tier:
         # One validation batch. Not `--trainer.limit_val_batches 1`: the command line hands Lightning the
         # float 1.0 for it, which means 100% of the batches.
         one_batch = "40" if self.device.type == "cpu" else "200"
-        args = ["--data.init_args.on_device", "true", "--data.init_args.val_images", one_batch, "--data.init_args.eval_batch_size", one_batch]
+        args = [
+            "--data.init_args.on_device",
+            "true",
+            "--data.init_args.val_images",
+            one_batch,
+            "--data.init_args.eval_batch_size",
+            one_batch,
+        ]
         if data == "datamodules.Shapes":
             args += ["--data.init_args.num_train", "1024", "--data.init_args.num_test", "1000"]
         else:
             args += ["--data.init_args.root", str(self.data_roots[data])]
-        if self.device.type == "cpu":  # the dry run: GPU batches, and bf16 (emulated on most CPUs), would take minutes per step
+        if (
+            self.device.type == "cpu"
+        ):  # the dry run: GPU batches, and bf16 (emulated on most CPUs), would take minutes per step
             args += ["--data.init_args.batch_size", "16", "--trainer.precision", "32-true"]
         return args
 
@@ -118,12 +140,28 @@ class Tier:
 
         victim = [] if is_victim(config) else ["--model.init_args.classifier", str(self.victim_for(data_class(config)))]
         with torch_flags_kept():  # a later evaluation in this test must not inherit `deterministic: true`
-            cli = RecordingCLI(args=[
-                "fit", "--config", str(config), *QUIET, *run_dirs(self.root, name), "--trainer.accelerator", self.device.type,
-                "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
-                "--trainer.num_sanity_val_steps", "0",
-                *self.data_args(data_class(config)), *victim, *extra,
-            ])
+            cli = RecordingCLI(
+                args=[
+                    "fit",
+                    "--config",
+                    str(config),
+                    *QUIET,
+                    *run_dirs(self.root, name),
+                    "--trainer.accelerator",
+                    self.device.type,
+                    "--trainer.devices",
+                    "1",
+                    "--trainer.max_epochs",
+                    "1",
+                    "--trainer.limit_train_batches",
+                    str(steps),
+                    "--trainer.num_sanity_val_steps",
+                    "0",
+                    *self.data_args(data_class(config)),
+                    *victim,
+                    *extra,
+                ]
+            )
         self.recorded[name] = recorder.seen
         return cli
 
@@ -141,7 +179,11 @@ def tier(cifar_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     data = tmp_path_factory.mktemp("tier_data")
     per_class = -(-train_images("datamodules.CIFAR10") // 10)
     roots = {"datamodules.CIFAR10": cifar_subset_tree(cifar_tree, data / "cifar10", per_class, 100)}
-    for name, class_path in (("svhn", "datamodules.SVHN"), ("fashion_mnist", "datamodules.FashionMNIST"), ("stl10", "datamodules.STL10")):
+    for name, class_path in (
+        ("svhn", "datamodules.SVHN"),
+        ("fashion_mnist", "datamodules.FashionMNIST"),
+        ("stl10", "datamodules.STL10"),
+    ):
         write_data_set(name, data / name, train=train_images(class_path), test=1000)
         roots[class_path] = data / name
     with accept_written_files():
@@ -172,22 +214,63 @@ def test_every_config_fits_on_the_device_and_its_export_loads(tier: Tier, config
 
 
 # Every defense by spec (the shapes evaluation) beside the restorers trained on each data set.
-BASELINES = ["identity", "jpeg:quality=75", "bit_depth:bits=4", "median:kernel=3", "bicubic:factor=2", "wavelet",
-             "random_resize_pad:max_pad=4", "srd", "cii", "dip:iterations=40,record_every=10,warmup_records=1"]
+BASELINES = [
+    "identity",
+    "jpeg:quality=75",
+    "bit_depth:bits=4",
+    "median:kernel=3",
+    "bicubic:factor=2",
+    "wavelet",
+    "random_resize_pad:max_pad=4",
+    "srd",
+    "cii",
+    "dip:iterations=40,record_every=10,warmup_records=1",
+]
 
 
 @pytest.mark.parametrize("data", sorted(DATA_NAMES), ids=[DATA_NAMES[key] for key in sorted(DATA_NAMES)])
 def test_every_defense_runs_through_every_threat_model_on_the_device(tier: Tier, data: str, tmp_path: Path):
     victim = tier.victim_for(data)
     restorers = [str(tier.export(path)) for path in CONFIGS if not is_victim(path) and data_class(path) == data]
-    specs = BASELINES if data == "datamodules.Shapes" else ["wavelet:ycbcr=False" if data == "datamodules.FashionMNIST" else "wavelet"]
+    specs = (
+        BASELINES
+        if data == "datamodules.Shapes"
+        else ["wavelet:ycbcr=False" if data == "datamodules.FashionMNIST" else "wavelet"]
+    )
     root = [] if data == "datamodules.Shapes" else ["--data-root", str(tier.data_roots[data])]
-    results = evaluator_cli.main([
-        "--classifier", str(victim), "--data", DATA_NAMES[data], *root, "--defense", *specs, *restorers,
-        "--attacks", "fgsm,pgd3", "--threats", "none,gray-box,white-box,bpda,transfer", "--transfer-from", str(victim),
-        "--n", "20", "--batch-size", "10", "--eot", "2", "--eval-draws", "2", "--sanity-images", "10",
-        "--device", tier.device.type, "--out", str(tmp_path / "eval"), "--no-progress",
-    ])
+    results = evaluator_cli.main(
+        [
+            "--classifier",
+            str(victim),
+            "--data",
+            DATA_NAMES[data],
+            *root,
+            "--defense",
+            *specs,
+            *restorers,
+            "--attacks",
+            "fgsm,pgd3",
+            "--threats",
+            "none,gray-box,white-box,bpda,transfer",
+            "--transfer-from",
+            str(victim),
+            "--n",
+            "20",
+            "--batch-size",
+            "10",
+            "--eot",
+            "2",
+            "--eval-draws",
+            "2",
+            "--sanity-images",
+            "10",
+            "--device",
+            tier.device.type,
+            "--out",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ]
+    )
     if tier.device.type == "cuda":
         assert results["meta"]["device"] == torch.cuda.get_device_name()
     defenses = {row["defense"] for row in results["rows"]} - {"none"}
@@ -203,20 +286,62 @@ def test_every_defense_runs_through_every_threat_model_on_the_device(tier: Tier,
 
 def test_library_attacks_run_on_the_device(tier: Tier, tmp_path: Path):
     """pyautoattack (APGD, AutoAttack standard and rand, Square) and foolbox (C&W, DeepFool) on the device."""
-    pytest.importorskip("pyautoattack", reason="pyautoattack is not installed here (a 42 MB wheel; carry it to run this)")
-    pytest.importorskip("foolbox", reason="foolbox is not installed here (carry it with eagerpy, GitPython, gitdb, smmap)")
-    victim, shapes = tier.victim_for("datamodules.Shapes"), ["--data", "shapes", "--n", "10", "--batch-size", "10", "--no-progress"]
-    common = ["--classifier", str(victim), *shapes, "--device", tier.device.type, "--eot", "2", "--eval-draws", "2", "--sanity-images", "0"]
-    linf = evaluator_cli.main([
-        *common, "--defense", "wavelet", "srd", "--attacks", "apgd-ce5,apgd-dlr5,autoattack,square50",
-        "--threats", "none,white-box,black-box", "--out", str(tmp_path / "linf"),
-    ])
+    pytest.importorskip(
+        "pyautoattack", reason="pyautoattack is not installed here (a 42 MB wheel; carry it to run this)"
+    )
+    pytest.importorskip(
+        "foolbox", reason="foolbox is not installed here (carry it with eagerpy, GitPython, gitdb, smmap)"
+    )
+    victim, shapes = (
+        tier.victim_for("datamodules.Shapes"),
+        ["--data", "shapes", "--n", "10", "--batch-size", "10", "--no-progress"],
+    )
+    common = [
+        "--classifier",
+        str(victim),
+        *shapes,
+        "--device",
+        tier.device.type,
+        "--eot",
+        "2",
+        "--eval-draws",
+        "2",
+        "--sanity-images",
+        "0",
+    ]
+    linf = evaluator_cli.main(
+        [
+            *common,
+            "--defense",
+            "wavelet",
+            "srd",
+            "--attacks",
+            "apgd-ce5,apgd-dlr5,autoattack,square50",
+            "--threats",
+            "none,white-box,black-box",
+            "--out",
+            str(tmp_path / "linf"),
+        ]
+    )
     attacked = {(row["defense"], row["attack"]) for row in linf["rows"]}
     assert {("wavelet(wavelet=db1,ycbcr=True)", "autoattack"), ("none", "square50")} <= attacked, attacked
-    l2 = evaluator_cli.main([
-        *common, "--norm", "l2", "--eps", "0.5", "--defense", "wavelet", "--attacks", "cw5,deepfool3",
-        "--threats", "none,white-box", "--out", str(tmp_path / "l2"),
-    ])
+    l2 = evaluator_cli.main(
+        [
+            *common,
+            "--norm",
+            "l2",
+            "--eps",
+            "0.5",
+            "--defense",
+            "wavelet",
+            "--attacks",
+            "cw5,deepfool3",
+            "--threats",
+            "none,white-box",
+            "--out",
+            str(tmp_path / "l2"),
+        ]
+    )
     assert {row["attack"] for row in l2["rows"]} == {"clean", "cw5", "deepfool3"}
 
 
@@ -242,8 +367,18 @@ def test_cii_finds_the_cam_head_and_trains_in_bf16_on_the_device(tier: Tier):
     with torch.autocast(tier.device.type, dtype=torch.bfloat16):
         assert locate_cam_layers(classifier, x[:1]).head is not None
     result = run_script(
-        "benchmarks/restorer_step.py", "--config", "configs/cii_cifar10.yaml", "--batch", "32", "--steps", "2", "--warmup", "1",
-        "--model.init_args.classifier", str(cifar_victim(tier)), timeout=300,
+        "benchmarks/restorer_step.py",
+        "--config",
+        "configs/cii_cifar10.yaml",
+        "--batch",
+        "32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--model.init_args.classifier",
+        str(cifar_victim(tier)),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
@@ -253,8 +388,9 @@ def test_cii_finds_the_cam_head_and_trains_in_bf16_on_the_device(tier: Tier):
 class StartState(pl.Callback):
     """The optimizer state and the EMA average as training (re)starts, and where they live."""
 
-    def __init__(self, stop_after_epoch: Optional[int] = None) -> None:
-        self.stop_after_epoch, self.state = stop_after_epoch, None
+    def __init__(self, stop_after_epoch: int | None = None) -> None:
+        self.stop_after_epoch = stop_after_epoch
+        self.state = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0].state_dict()["state"]
@@ -281,14 +417,30 @@ def test_a_restorer_run_resumes_on_the_device(tier: Tier):
                 self.trainer.callbacks.append(callback)
 
         victim = ["--model.init_args.classifier", str(cifar_victim(tier))]
-        ResumingCLI(args=[
-            "fit", "--config", str(config), *QUIET, *run_dirs(tier.root, "resume"), "--trainer.accelerator", tier.device.type,
-            "--trainer.limit_train_batches", str(STEPS), "--trainer.num_sanity_val_steps", "0",
-            *tier.data_args("datamodules.CIFAR10"), *victim, *two_epochs, *extra,
-        ])
+        ResumingCLI(
+            args=[
+                "fit",
+                "--config",
+                str(config),
+                *QUIET,
+                *run_dirs(tier.root, "resume"),
+                "--trainer.accelerator",
+                tier.device.type,
+                "--trainer.limit_train_batches",
+                str(STEPS),
+                "--trainer.num_sanity_val_steps",
+                "0",
+                *tier.data_args("datamodules.CIFAR10"),
+                *victim,
+                *two_epochs,
+                *extra,
+            ]
+        )
 
     fit(StartState(stop_after_epoch=1))
-    saved = torch.load(tier.root / "runs" / "resume" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    saved = torch.load(
+        tier.root / "runs" / "resume" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     resumed = StartState()
     fit(resumed, "--ckpt_path", "last")
     state = resumed.state
@@ -317,7 +469,14 @@ def test_16_mixed_fits_beside_bf16(tier: Tier, name: str):
 
 def test_the_training_attack_is_no_weaker_under_fp16_autocast(tier: Tier):
     """fp16 without a scaler can underflow input gradients (field notes); the attack must not weaken."""
-    quick_start = ["--data.init_args.num_train", "20000", "--data.init_args.batch_size", "128", "--trainer.max_epochs", "3"]
+    quick_start = [
+        "--data.init_args.num_train",
+        "20000",
+        "--data.init_args.batch_size",
+        "128",
+        "--trainer.max_epochs",
+        "3",
+    ]
     tier.fit(REPO_ROOT / "configs" / "victim_shapes.yaml", "trained_shapes", *quick_start, steps=10**6)  # whole epochs
     classifier = load_classifier(tier.root / "exports" / "trained_shapes.pt").to(tier.device)
     x, y = shapes_split(500, 11, 32, 3)

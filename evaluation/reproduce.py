@@ -20,6 +20,7 @@ Stages, each a `train.py` or `eval.py` process as a user would run it, with its 
 A rerun continues: a stage whose output exists is skipped (saying so), and a fit that was
 interrupted resumes from its last.ckpt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,22 +31,39 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from defenses.base import describe
 from engine.export import PROJECT_ROOT, atomic_write_bytes
 
 RESTORERS = ("sr", "rain", "trn", "cii")
-BASELINES = ("jpeg:quality=75", "median:kernel=3", "bicubic:factor=2", "wavelet", "bit_depth:bits=4", "srd", "random_resize_pad:max_pad=4")
-TRAINING_FREE = ("configs/defenses/cii_telea_cifar10.yaml", "configs/defenses/dip_cifar10.yaml")  # CIIDefence-Telea, DIP
-TARBALLS = (PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz", PROJECT_ROOT / ".data" / "cifar10-jpg.tar.gz")
+BASELINES = (
+    "jpeg:quality=75",
+    "median:kernel=3",
+    "bicubic:factor=2",
+    "wavelet",
+    "bit_depth:bits=4",
+    "srd",
+    "random_resize_pad:max_pad=4",
+)
+TRAINING_FREE = (
+    "configs/defenses/cii_telea_cifar10.yaml",
+    "configs/defenses/dip_cifar10.yaml",
+)  # CIIDefence-Telea, DIP
+TARBALLS = (
+    PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz",
+    PROJECT_ROOT / ".data" / "cifar10-jpg.tar.gz",
+)
 
 
 class Sizes:
     """The knobs that differ between the full run and the smoke run; every stage runs the same code."""
 
     def __init__(self, smoke: bool, n: int, eot: int, eval_draws: int) -> None:
-        self.smoke, self.n, self.eot, self.eval_draws = smoke, n, eot, eval_draws
+        self.smoke = smoke
+        self.n = n
+        self.eot = eot
+        self.eval_draws = eval_draws
         self.attack = "pgd5" if smoke else "pgd20"
 
     def train(self, stage: str) -> list[str]:
@@ -55,16 +73,36 @@ class Sizes:
             "victim": ["--model.init_args.arch_kwargs", "{width: 8}"],
             "sr": ["--model.init_args.arch_kwargs", "{bicubic_skip: true, num_blocks: 2, num_features: 16}"],
             "rain": ["--model.init_args.arch_kwargs", "{num_blocks: 2, num_features: 16}"],
-            "trn": ["--model.init_args.arch", "{num_features: 16, image_blocks: 1, gradient_blocks: 1, fusion_blocks: 1, reduction: 4}"],
+            "trn": [
+                "--model.init_args.arch",
+                "{num_features: 16, image_blocks: 1, gradient_blocks: 1, fusion_blocks: 1, reduction: 4}",
+            ],
             "cii": ["--model.init_args.arch", "{num_features: 8, num_blocks: 2}"],
         }[stage]
         return [
-            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.on_device", "false",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--data.init_args.on_device",
+            "false",
             # One validation batch: val_images, since the command line's `--trainer.limit_val_batches 1` arrives
             # as the float 1.0, which Lightning reads as 100% of the batches.
-            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--data.init_args.val_images", "50",
-            "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "32", "--data.init_args.eval_batch_size", "50",
-            "--trainer.enable_progress_bar", "false", *model,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--data.init_args.val_images",
+            "50",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--data.init_args.batch_size",
+            "32",
+            "--data.init_args.eval_batch_size",
+            "50",
+            "--trainer.enable_progress_bar",
+            "false",
+            *model,
         ]
 
     def dip(self) -> str:
@@ -86,7 +124,9 @@ def run_stage(name: str, command: list[str], out: Path, stages: dict[str, Any]) 
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         tail = log.read_text()[-3000:]
-        raise SystemExit(f"stage '{name}' failed (exit {finished.returncode}) after {seconds:.0f} s; its log {log} ends:\n{tail}")
+        raise SystemExit(
+            f"stage '{name}' failed (exit {finished.returncode}) after {seconds:.0f} s; its log {log} ends:\n{tail}"
+        )
     stages[name] = {"seconds": round(seconds, 1), "command": " ".join(["python", *command]), "log": str(log)}
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
     _save_stages(out, stages)
@@ -96,7 +136,7 @@ def _save_stages(out: Path, stages: dict[str, Any]) -> None:
     atomic_write_bytes(json.dumps(stages, indent=1).encode(), out / "stages.json")
 
 
-def prepare_data(root: Path, tarball: Optional[Path], out: Path, stages: dict[str, Any]) -> None:
+def prepare_data(root: Path, tarball: Path | None, out: Path, stages: dict[str, Any]) -> None:
     """The JPEG tree at root, extracted from the tarball when root has none (a timed stage)."""
     if (root / "train").is_dir() and (root / "test").is_dir():
         print(f"[data] {root} holds the tree: skipped", flush=True)
@@ -123,7 +163,7 @@ def prepare_data(root: Path, tarball: Optional[Path], out: Path, stages: dict[st
     _save_stages(out, stages)
 
 
-def train(stage: str, out: Path, data_root: Path, victim: Optional[Path], sizes: Sizes, stages: dict[str, Any]) -> Path:
+def train(stage: str, out: Path, data_root: Path, victim: Path | None, sizes: Sizes, stages: dict[str, Any]) -> Path:
     """Fit configs/<stage>_cifar10.yaml (resuming an interrupted fit); its export path."""
     name = f"{stage}_cifar10"
     export, last = out / "exports" / f"{name}.pt", out / "runs" / name / "checkpoints" / "last.ckpt"
@@ -131,8 +171,19 @@ def train(stage: str, out: Path, data_root: Path, victim: Optional[Path], sizes:
         print(f"[{stage}] {export} exists: skipped", flush=True)
         return export
     command = [
-        "train.py", "fit", "--config", f"configs/{name}.yaml", "--run.name", name, "--run.root", str(out / "runs"),
-        "--run.export_dir", str(out / "exports"), "--data.init_args.root", str(data_root), *sizes.train(stage),
+        "train.py",
+        "fit",
+        "--config",
+        f"configs/{name}.yaml",
+        "--run.name",
+        name,
+        "--run.root",
+        str(out / "runs"),
+        "--run.export_dir",
+        str(out / "exports"),
+        "--data.init_args.root",
+        str(data_root),
+        *sizes.train(stage),
     ]
     if victim is not None:
         command += ["--model.init_args.classifier", str(victim)]
@@ -165,20 +216,30 @@ def adaptive_ranking(results: dict[str, Any]) -> list[tuple[str, str, float]]:
     threats = adaptive_threats(results)
     ranked = [
         (case["name"], case["threat"], float(case["robust_acc"]))
-        for case in results["worst_case"] if threats.get(case["name"]) == case["threat"]
+        for case in results["worst_case"]
+        if threats.get(case["name"]) == case["threat"]
     ]
     return sorted(ranked, key=lambda item: -item[2])
 
 
 def table(
-    evaluation: dict[str, Any], autoattack: dict[str, dict[str, Any]], exports: dict[str, Path], stages: dict[str, Any], attack: str,
+    evaluation: dict[str, Any],
+    autoattack: dict[str, dict[str, Any]],
+    exports: dict[str, Path],
+    stages: dict[str, Any],
+    attack: str,
 ) -> dict[str, Any]:
-    """One row per defense: clean, gray-box `attack`, adaptive `attack` (its threat model named), AutoAttack where run."""
+    """One row per defense: clean, gray-box `attack`, adaptive `attack` (its threat model named),
+    and AutoAttack where it ran."""
     rows: dict[str, dict[str, Any]] = {}
     threats = adaptive_threats(evaluation)
     for row in evaluation["rows"]:
         entry = rows.setdefault(row["defense"], {"defense": row["defense"]})
-        accuracy = {"accuracy": round(100 * row["accuracy"], 2), "std": round(100 * row["accuracy_std"], 2), "draws": row["draws"]}
+        accuracy = {
+            "accuracy": round(100 * row["accuracy"], 2),
+            "std": round(100 * row["accuracy_std"], 2),
+            "draws": row["draws"],
+        }
         if row["attack"] == "clean":
             entry["clean"] = accuracy
         elif row["threat"] in ("gray-box", "none"):
@@ -190,12 +251,20 @@ def table(
         rows[label]["autoattack"] = {"accuracy": float(case["robust_acc"]), "threat": case["threat"]}
     meta = evaluation["meta"]
     training = {
-        stage: {key: value for key, value in _load_export_meta(path).get("metrics", {}).items() if key.startswith("val/")}
+        stage: {
+            key: value for key, value in _load_export_meta(path).get("metrics", {}).items() if key.startswith("val/")
+        }
         for stage, path in exports.items()
     }
     return {
-        "meta": {key: meta[key] for key in ("commit", "device", "date", "n", "index_hash", "eot", "eval_draws", "norm")},
-        "attack": attack, "eps": "8/255", "rows": list(rows.values()), "training": training, "stages": stages,
+        "meta": {
+            key: meta[key] for key in ("commit", "device", "date", "n", "index_hash", "eot", "eval_draws", "norm")
+        },
+        "attack": attack,
+        "eps": "8/255",
+        "rows": list(rows.values()),
+        "training": training,
+        "stages": stages,
     }
 
 
@@ -205,7 +274,7 @@ def _load_export_meta(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)["meta"]
 
 
-def _cell(entry: Optional[dict[str, Any]]) -> str:
+def _cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
     spread = f" ± {entry['std']:.2f}" if entry.get("draws", 1) > 1 else ""
@@ -217,25 +286,38 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# CIFAR-10, Linf {summary['eps']}, {meta['n']} class-balanced test images (index hash {meta['index_hash']})",
         "",
-        f"Commit {meta['commit']}, {meta['device']}, {meta['date']}. Accuracy in %; randomized defenses: mean ± std over "
+        f"Commit {meta['commit']}, {meta['device']}, {meta['date']}. Accuracy in %; randomized defenses: mean ± std "
+        "over "
         f"{meta['eval_draws']} draws, attacked with EOT {meta['eot']}.",
         "",
-        f"| defense | clean | gray-box {summary['attack']} | adaptive {summary['attack']} | adaptive threat | AutoAttack (adaptive) |",
+        f"| defense | clean | gray-box {summary['attack']} | adaptive {summary['attack']} | adaptive threat | "
+        "AutoAttack (adaptive) |",
         "|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         adaptive = row.get("adaptive") or row.get("none")
         threat = row["adaptive"]["threat"] if "adaptive" in row else ("none" if "none" in row else "-")
         autoattack = f"{row['autoattack']['accuracy']:.2f}" if "autoattack" in row else "-"
-        lines.append(f"| {row['defense']} | {_cell(row.get('clean'))} | {_cell(row.get('gray-box'))} | {_cell(adaptive)} | {threat} | {autoattack} |")
-    lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {name} | {stage['seconds']} |" for name, stage in summary["stages"].items()]
+        lines.append(
+            f"| {row['defense']} | {_cell(row.get('clean'))} | {_cell(row.get('gray-box'))} | {_cell(adaptive)} | "
+            f"{threat} | {autoattack} |"
+        )
+    lines += ["", "| stage | seconds |", "|---|---|"] + [
+        f"| {name} | {stage['seconds']} |" for name, stage in summary["stages"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/reproduce_cifar10", help="runs, exports, evaluations, logs and the table")
-    parser.add_argument("--data-root", default="data/cifar10", help="the CIFAR-10 JPEG tree (train/<class>/, test/<class>/)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="results/reproduce_cifar10", help="runs, exports, evaluations, logs and the table"
+    )
+    parser.add_argument(
+        "--data-root", default="data/cifar10", help="the CIFAR-10 JPEG tree (train/<class>/, test/<class>/)"
+    )
     parser.add_argument("--tarball", type=Path, help="cifar10-jpg.tar.gz to extract when --data-root has no tree")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: the same stages in minutes")
     parser.add_argument("--n", type=int, help="evaluation images (default 1000; smoke 20)")
@@ -249,7 +331,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out, data_root = Path(args.out).resolve(), Path(args.data_root).resolve()
     sizes = Sizes(args.smoke, args.n, args.eot, args.eval_draws)
@@ -261,18 +343,49 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     defenses = [*BASELINES, TRAINING_FREE[0], sizes.dip(), *(str(path) for path in exports.values())]
     common = ["--classifier", str(victim), "--data", "cifar10", "--data-root", str(data_root), *sizes.evaluation()]
-    evaluation = evaluate("eval", out, [
-        *common, "--defense", *defenses, "--attacks", sizes.attack, "--threats", "none,gray-box,white-box,bpda", "--eps", "8/255",
-    ], stages)
+    evaluation = evaluate(
+        "eval",
+        out,
+        [
+            *common,
+            "--defense",
+            *defenses,
+            "--attacks",
+            sizes.attack,
+            "--threats",
+            "none,gray-box,white-box,bpda",
+            "--eps",
+            "8/255",
+        ],
+        stages,
+    )
     labels = {label: text for text, label in zip(defenses, (describe(spec) for spec in evaluation["meta"]["defenses"]))}
     autoattack = {}
     for rank, (label, threat, _) in enumerate(adaptive_ranking(evaluation)[:2]):
-        autoattack[label] = evaluate(f"autoattack{rank + 1}", out, [
-            *common, "--defense", labels[label], "--attacks", "autoattack", "--threats", threat, "--eps", "8/255",
-            "--indices", str(out / "eval" / "indices.json"),
-        ], stages)
+        autoattack[label] = evaluate(
+            f"autoattack{rank + 1}",
+            out,
+            [
+                *common,
+                "--defense",
+                labels[label],
+                "--attacks",
+                "autoattack",
+                "--threats",
+                threat,
+                "--eps",
+                "8/255",
+                "--indices",
+                str(out / "eval" / "indices.json"),
+            ],
+            stages,
+        )
     stages["total"] = {"seconds": round(sum(stage["seconds"] for name, stage in stages.items() if name != "total"), 1)}
-    print(f"[all] this invocation took {time.perf_counter() - started:.1f} s; the stages {stages['total']['seconds']} s in all", flush=True)
+    print(
+        f"[all] this invocation took {time.perf_counter() - started:.1f} s; the stages {stages['total']['seconds']} "
+        "s in all",
+        flush=True,
+    )
     summary = table(evaluation, autoattack, {"victim": victim, **exports}, stages, sizes.attack)
     atomic_write_bytes(json.dumps(summary, indent=1).encode(), out / "table.json")
     atomic_write_bytes(markdown(summary).encode(), out / "table.md")

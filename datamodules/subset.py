@@ -1,0 +1,30 @@
+"""Class-balanced index subsets of a split: the validation subset of the data modules and the
+evaluation subset of eval.py are drawn the same way (image-folder splits are sorted by class, so
+"the first n images" of CIFAR-10 are all airplanes)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.seeding import seeded_generator
+
+
+def balanced_indices(labels: Tensor, n: int, seed: int) -> Tensor:
+    """n indices into `labels` ((N,) int64), as equal per class as possible (the remainder going to
+    classes chosen from `seed`), each class's drawn from `seed`; sorted ascending."""
+    classes = labels.unique()
+    if n < 1 or n > len(labels):
+        raise ValueError(f"n must be in 1..{len(labels)} (the split's size), got {n}")
+    generator = seeded_generator("cpu", seed)
+    quota = torch.full((len(classes),), n // len(classes), device="cpu")
+    quota[torch.randperm(len(classes), generator=generator, device="cpu")[: n % len(classes)]] += 1
+    chosen = []
+    for label, count in zip(classes.tolist(), quota.tolist()):
+        members = (labels == label).nonzero().flatten()
+        if count > len(members):
+            raise ValueError(f"class {label} has {len(members)} images, fewer than the {count} a balanced n={n} needs")
+        chosen.append(
+            members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)[:count]]
+        )
+    return torch.cat(chosen).sort().values

@@ -1,0 +1,222 @@
+"""eval.py's command line and the run behind it: the class-balanced test subset, the classifier and
+the defenses on the device, every threat x attack x epsilon row (evaluation/runner.py), the
+large-budget sanity attacks and the zero-gradient check, and the results files (evaluation/report.py).
+
+`main(argv)` is what `python eval.py ...` runs; tests and scripts call it with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from attacks.registry import RECIPES, parse_attack
+from classifiers import load_classifier
+from datamodules import data_module_class, data_set_names
+from datamodules.subset import balanced_indices
+from defenses import Defense, make_defense
+from engine.export import atomic_write_bytes, environment_meta, file_sha256
+from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
+from evaluation.runner import AutocastLogits, Evaluator, parse_eps, run_rows, sanity_rows, zero_gradient_shares
+from evaluation.subset import index_record, read_index_record
+from evaluation.threats import THREATS, parse_threats
+
+SANITY_IMAGES = 200
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="The shared evaluator: any defense, any classifier, every threat model, one command.",
+    )
+    parser.add_argument(
+        "--classifier", required=True, help="victim: an export (.pt) or a VictimModule checkpoint (.ckpt)"
+    )
+    parser.add_argument(
+        "--defense",
+        nargs="+",
+        default=["identity"],
+        help="defense specs (e.g. jpeg:quality=75) or exported restorer files",
+    )
+    parser.add_argument("--data", default="shapes", choices=data_set_names(), help="test set (datamodules/registry.py)")
+    parser.add_argument("--data-root", help="the data set's folder (not for shapes)")
+    parser.add_argument(
+        "--attacks", default="fgsm,pgd20", help=f"comma list; families {sorted(RECIPES)} + optional step count"
+    )
+    parser.add_argument("--threats", default="none,gray-box,white-box,bpda", help=f"comma list of {list(THREATS)}")
+    parser.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    parser.add_argument(
+        "--eps", default="8/255", help="comma list of budgets, fractions allowed (e.g. 2/255,4/255,8/255)"
+    )
+    parser.add_argument("--n", type=int, default=1000, help="images, class-balanced")
+    parser.add_argument("--indices", help="a stored indices.json to evaluate on instead of drawing one from --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transfer-from", help="source classifier for the transfer threat model")
+    parser.add_argument("--eot", type=int, default=20, help="gradient draws per step against randomized defenses")
+    parser.add_argument(
+        "--eval-draws", type=int, default=5, help="evaluations averaged per image for randomized defenses"
+    )
+    parser.add_argument(
+        "--sanity-images",
+        type=int,
+        default=SANITY_IMAGES,
+        help="images of the large-budget sanity attacks (0 skips them, and the results say so); "
+        "costly defenses want fewer",
+    )
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--precision",
+        default="32",
+        choices=["32", "bf16"],
+        help="classifier forward precision (attack losses stay fp32)",
+    )
+    parser.add_argument("--out", required=True, help="results folder; refused if it holds files unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.eot < 1 or args.eval_draws < 1 or args.batch_size < 1 or args.sanity_images < 0:
+        parser.error("--eot, --eval-draws and --batch-size must be >= 1, --sanity-images >= 0")
+    return args
+
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(
+            f"error: '{out}' already holds results; choose another --out or pass --overwrite to replace them"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_device(text: str) -> torch.device:
+    """'auto' -> CUDA when there is one, else the CPU; anything else as torch names it ('cpu', 'cuda:1')."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text)
+
+
+def load_subset(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(images (n,C,H,W) float in [0,1] on device, labels (n,), the index record): the data module's
+    test split, the class-balanced subset drawn as the data modules draw theirs, converted as batches are."""
+    data_module = data_module_class(args.data)
+    if args.data_root and "root" not in inspect.signature(data_module).parameters:
+        raise SystemExit(f"error: --data {args.data} is drawn in memory; drop --data-root")
+    split = data_module(**({"root": args.data_root} if args.data_root else {})).load_split("test")
+    if args.indices:
+        indices = read_index_record(args.indices, args.data, len(split.labels))
+    else:
+        indices = balanced_indices(split.labels, args.n, args.seed)
+    images, labels = split.batch(indices)
+    return images.to(device), labels.to(device), index_record(args.data, indices, args.seed)
+
+
+def load_models(
+    args: argparse.Namespace, device: torch.device, channels: int
+) -> tuple[nn.Module, nn.Module | None, list[Defense]]:
+    """The classifier, the transfer source (or None) and the defenses, on `device`, in eval mode."""
+
+    def classifier_from(path: str) -> nn.Module:
+        model = load_classifier(path).to(device)
+        return AutocastLogits(model, torch.bfloat16) if args.precision == "bf16" else model
+
+    classifier = classifier_from(args.classifier)
+    source = classifier_from(args.transfer_from) if args.transfer_from else None
+    defenses = [make_defense(text, classifier).to(device).eval() for text in args.defense]
+    probe = torch.zeros(1, channels, 8, 8, device=device)
+    try:
+        with torch.no_grad():
+            classifier(probe)
+    except RuntimeError as mismatch:
+        raise SystemExit(
+            f"error: the classifier does not take {channels}-channel images of this data set ({mismatch})"
+        ) from mismatch
+    return classifier, source, defenses
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
+    out = prepare_out(Path(args.out), args.overwrite)
+    device = resolve_device(args.device)
+    threats = parse_threats(args.threats)
+    attacks = [name.strip() for name in args.attacks.split(",") if name.strip()]
+    for name in attacks:
+        parse_attack(name)  # fail on a typo now, not after an hour of attacks
+    budgets = [parse_eps(text) for text in args.eps.split(",")]
+    images, labels, record = load_subset(args, device)
+    classifier, source, defenses = load_models(args, device, images.shape[1])
+    atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
+
+    progress = tqdm(total=0, unit="batch", miniters=1, disable=args.no_progress, file=sys.stderr, desc="eval")
+    evaluator = Evaluator(
+        classifier,
+        images,
+        labels,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        eval_draws=args.eval_draws,
+        eot=args.eot,
+        source=source,
+        progress=progress,
+    )
+    rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
+    progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
+    rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets)
+    progress.close()
+    large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images)
+    zero_gradients = zero_gradient_shares(evaluator, defenses, threats)
+
+    results = {
+        "format": RESULTS_FORMAT,
+        "version": 1,
+        "meta": {
+            "command": " ".join(["python", "eval.py", *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **environment,
+            "device": device_name(device),
+            "classifier": args.classifier,
+            "classifier_sha256": file_sha256(args.classifier)[:16],
+            "transfer_from": args.transfer_from,
+            "data": args.data,
+            "data_root": args.data_root,
+            "n": len(labels),
+            "seed": args.seed,
+            "index_hash": record["hash"],
+            "norm": args.norm,
+            "eot": args.eot,
+            "eval_draws": args.eval_draws,
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "sanity_images": args.sanity_images,
+            "defenses": [defense.spec() for defense in defenses],
+        },
+        "threat_models": {name: threat.description for name, threat in THREATS.items()},
+        "rows": [row.record() for row in rows],
+        "worst_case": worst_case(rows, args.data, Path(args.classifier).stem),
+        "sanity": {"large_eps_rows": [row.record() for row in large_eps], "zero_gradient_share": zero_gradients},
+        "warnings": sanity_warnings(rows, large_eps, zero_gradients)
+        + (["the large-budget sanity attacks were skipped (--sanity-images 0)"] if not args.sanity_images else []),
+        "skipped": [dataclasses.asdict(item) for item in skipped],
+    }
+    example = pick_example_row(rows)
+    if example is not None:
+        results["examples"] = {key: getattr(example, key) for key in ("defense", "threat", "attack", "eps_label")}
+    write_results(out, results, rows, example_png(evaluator, example, defenses) if example else None)
+    print((out / "results.md").read_text())
+    return results
