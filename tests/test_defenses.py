@@ -12,12 +12,31 @@ from attacks import GradientAttack, input_gradient
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import (
-    BitDepth, DefendedClassifier, Jpeg, MedianFilter, RandomResizePad, StructuredRandomization, WaveletDenoise,
-    circular_shift, make_defense, parse_spec, wavelet_denoise,
+    BitDepth,
+    DefendedClassifier,
+    Jpeg,
+    MedianFilter,
+    RandomResizePad,
+    StructuredRandomization,
+    WaveletDenoise,
+    circular_shift,
+    make_defense,
+    parse_spec,
+    wavelet_denoise,
 )
+from defenses.factory import DEFENSES, build_defense
 from engine.export import NotAnExportError
 
-BASELINES = ["identity", "jpeg:quality=75", "bit_depth:bits=4", "median:kernel=3", "bicubic:factor=2", "wavelet", "random_resize_pad:max_pad=4", "srd:min_size=16,max_size=28,max_shift=2"]
+BASELINES = [
+    "identity",
+    "jpeg:quality=75",
+    "bit_depth:bits=4",
+    "median:kernel=3",
+    "bicubic:factor=2",
+    "wavelet",
+    "random_resize_pad:max_pad=4",
+    "srd:min_size=16,max_size=28,max_shift=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +50,35 @@ def noisy_shapes() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "wavelet, sigma, levels, ycbcr",
-    [("db1", None, None, True), ("db2", None, None, True), ("db1", 0.04, None, True), ("sym4", None, 2, True), ("db1", None, None, False)],
+    [
+        ("db1", None, None, True),
+        ("db2", None, None, True),
+        ("db1", 0.04, None, True),
+        ("sym4", None, 2, True),
+        ("db1", None, None, False),
+    ],
 )
 def test_wavelet_denoiser_matches_skimage(noisy_shapes, wavelet, sigma, levels, ycbcr):
     from skimage.restoration import denoise_wavelet
 
     ours = wavelet_denoise(noisy_shapes.float(), wavelet, levels, sigma, ycbcr).double()
-    reference = torch.stack([
-        torch.from_numpy(denoise_wavelet(
-            image.permute(1, 2, 0).numpy(), sigma=sigma, wavelet=wavelet, wavelet_levels=levels, method="BayesShrink",
-            mode="soft", convert2ycbcr=ycbcr, channel_axis=-1,
-        )).permute(2, 0, 1)
-        for image in noisy_shapes
-    ]).clamp(0, 1)  # skimage leaves float output unclipped
+    reference = torch.stack(
+        [
+            torch.from_numpy(
+                denoise_wavelet(
+                    image.permute(1, 2, 0).numpy(),
+                    sigma=sigma,
+                    wavelet=wavelet,
+                    wavelet_levels=levels,
+                    method="BayesShrink",
+                    mode="soft",
+                    convert2ycbcr=ycbcr,
+                    channel_axis=-1,
+                )
+            ).permute(2, 0, 1)
+            for image in noisy_shapes
+        ]
+    ).clamp(0, 1)  # skimage leaves float output unclipped
     assert (ours - reference).abs().max() < 1e-4
     assert (noisy_shapes - reference).abs().mean() > 0.01  # and it did denoise
 
@@ -64,6 +99,27 @@ def test_baselines_map_unit_images_to_unit_images(spec):
     assert out.shape == x.shape and out.dtype == x.dtype
     assert 0 <= out.min() and out.max() <= 1
     assert parse_spec(spec)["name"] == defense.spec()["name"]
+
+
+# Beyond the defaults, only where the default is slow (DIP fits 300 steps per image).
+SMALL = {"dip": {"iterations": 4, "record_every": 2, "warmup_records": 1}}
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_registered_defense_rebuilds_from_its_spec(name: str, shapes_victim: Path):
+    """A DEFENSES entry needs nothing more: its spec() names it and rebuilds the same defense,
+    which maps [0,1] images to [0,1] images of the same shape, the same pixels for the same seed."""
+    classifier = load_classifier(shapes_victim)
+    defense = build_defense({"name": name, **SMALL.get(name, {})}, classifier)
+    spec = defense.spec()
+    rebuilt = build_defense(spec, classifier)
+    assert spec["name"] == name and rebuilt.spec() == spec
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    defense.reseed(5)
+    rebuilt.reseed(5)
+    out = defense(x)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert torch.allclose(rebuilt(x), out, atol=1e-6)
 
 
 def test_jpeg_equals_pil_at_the_same_quality():
