@@ -9,6 +9,7 @@
 Every Trainer, model and data option can be overridden on the command line; see
 `python train.py fit --help` and `--print_config`. Where a run writes: engine/cli.py.
 """
+
 from engine.cli import RestorationCLI
 
 

@@ -12,13 +12,14 @@ the config's precision as autocast, AdamW on the restorer. Two timed loops of `-
 after `--warmup`: make_pair alone, then the whole step with backward and optimizer step; the
 device is synchronized only at the ends of each loop. pair_share = pair time / step time.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -78,12 +79,22 @@ def main() -> None:
         pair_seconds = timed(pair, args.steps, args.warmup, device)
         step_seconds = timed(step, args.steps, args.warmup, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(json.dumps({
-        "benchmark": "restorer_step", "config": args.config, "restorer": type(module).__name__, "device": name,
-        "precision": precision, "batch": args.batch, "steps": args.steps,
-        "train_img_per_s": round(args.steps * args.batch / step_seconds, 1),
-        "pair_img_per_s": round(args.steps * args.batch / pair_seconds, 1), "pair_share": round(pair_seconds / step_seconds, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "restorer_step",
+                "config": args.config,
+                "restorer": type(module).__name__,
+                "device": name,
+                "precision": precision,
+                "batch": args.batch,
+                "steps": args.steps,
+                "train_img_per_s": round(args.steps * args.batch / step_seconds, 1),
+                "pair_img_per_s": round(args.steps * args.batch / pair_seconds, 1),
+                "pair_share": round(pair_seconds / step_seconds, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

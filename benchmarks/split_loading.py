@@ -6,6 +6,7 @@ Prints one JSON line per measurement.
 
 The cache folder <root>/.decoded/ is moved aside for the decoding measurement and put back after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,18 @@ def main() -> None:
         try:
             for mode in ("decode", "cached"):  # the first load writes the cache the second reads
                 seconds, count = timed_load(root, args.split)
-                print(json.dumps({"benchmark": "split_loading", "mode": mode, "split": args.split, "images": count,
-                                  "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 1)}))
+                print(
+                    json.dumps(
+                        {
+                            "benchmark": "split_loading",
+                            "mode": mode,
+                            "split": args.split,
+                            "images": count,
+                            "seconds": round(seconds, 2),
+                            "img_per_s": round(count / seconds, 1),
+                        }
+                    )
+                )
         finally:
             shutil.rmtree(cache, ignore_errors=True)
             if (Path(aside) / ".decoded").exists():

@@ -8,6 +8,7 @@ Both train on one random batch resident on the device (no data loading), restora
 channels_last. Images per second are counted over `--steps` steps after `--warmup` steps, with a
 device synchronization only at the two ends of the timed span.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,9 @@ def plain_loop(args: argparse.Namespace, device: torch.device, x: torch.Tensor) 
 
 class _Clock(pl.Callback):
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.started, self.stopped = warmup, 0.0, 0.0
+        self.warmup = warmup
+        self.started = 0.0
+        self.stopped = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
@@ -60,16 +63,29 @@ class _Clock(pl.Callback):
 
 def lightning_run(args: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
     module = SuperResolutionRestorer(
-        args.classifier, preset=args.preset, denoise=False, adversarial_share=0.0, classifier_weight=0.0, lr=1e-4,
+        args.classifier,
+        preset=args.preset,
+        denoise=False,
+        adversarial_share=0.0,
+        classifier_weight=0.0,
+        lr=1e-4,
         schedule="constant",
     )
     y = torch.zeros(len(x), dtype=torch.long, device=device)
     batches = DataLoader(range(args.warmup + args.steps), batch_size=1, collate_fn=lambda _: (x, y))
     clock = _Clock(args.warmup)
     trainer = pl.Trainer(
-        accelerator=device.type, devices=1, max_steps=args.warmup + args.steps, precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        callbacks=[ChannelsLast(), clock], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=device.type,
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        callbacks=[ChannelsLast(), clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=batches)
     return args.steps * len(x) / (clock.stopped - clock.started)
@@ -77,7 +93,9 @@ def lightning_run(args: argparse.Namespace, device: torch.device, x: torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--classifier", required=True, help="any victim file (the Lightning module needs one; its loss weight is 0)")
+    parser.add_argument(
+        "--classifier", required=True, help="any victim file (the Lightning module needs one; its loss weight is 0)"
+    )
     parser.add_argument("--preset", default="baseline")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr-size", type=int, default=16, help="low-resolution side; the target is twice it")
@@ -88,8 +106,19 @@ def main() -> None:
     x = torch.rand(args.batch, 3, 2 * args.lr_size, 2 * args.lr_size, device=device)
     plain, lightning = plain_loop(args, device, x), lightning_run(args, device, x)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(json.dumps({"benchmark": "sr_throughput", "device": name, "preset": args.preset, "batch": args.batch,
-                      "lr_size": args.lr_size, "plain_img_per_s": round(plain, 1), "lightning_img_per_s": round(lightning, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sr_throughput",
+                "device": name,
+                "preset": args.preset,
+                "batch": args.batch,
+                "lr_size": args.lr_size,
+                "plain_img_per_s": round(plain, 1),
+                "lightning_img_per_s": round(lightning, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 `load_classifier` is the one classifier loader of the project: training (the frozen
 classifier in a restorer's loss) and evaluation both go through it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,12 @@ def _from_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
     if missing:
         raise NotAnExportError(f"'{path}' is not a checkpoint of a VictimModule: its hyperparameters lack {missing}")
     spec = {key: hparams[key] for key in CLASSIFIER_SPEC_KEYS}
-    weights = {k[len(_NET_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_NET_PREFIX)}
-    meta = {"source_checkpoint": str(path), "epochs": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+    weights = {k[len(_NET_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_NET_PREFIX)}
+    meta = {
+        "source_checkpoint": str(path),
+        "epochs": checkpoint.get("epoch"),
+        "global_step": checkpoint.get("global_step"),
+    }
     return spec, weights, meta
 
 
@@ -51,6 +56,7 @@ def load_classifier(path: str | Path) -> FrozenClassifier:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the export file of a VictimModule checkpoint; refuses to replace a file unless told to."""
+
     def make() -> dict[str, Any]:
         spec, weights, meta = _from_checkpoint(Path(checkpoint))
         classifier_from_spec(spec, weights)  # refuse to write a file that would not load
@@ -60,4 +66,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
 
 
 if __name__ == "__main__":
-    export_command("Export a VictimModule Lightning checkpoint to a classifier file.", "a VictimModule", export_checkpoint)
+    export_command(
+        "Export a VictimModule Lightning checkpoint to a classifier file.", "a VictimModule", export_checkpoint
+    )

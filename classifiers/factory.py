@@ -5,9 +5,11 @@ as `timm/<name>` and any torchvision model as `torchvision/<name>`. Every builde
 (num_classes, in_chans, **arch_kwargs) and returns an nn.Module mapping normalized
 (N,in_chans,H,W) images to (N,num_classes) logits; normalization is added by NormalizedClassifier.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -29,7 +31,10 @@ def _timm(name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"timm has no model '{name}'; list them with `python -c \"import timm; print(timm.list_models('*resnet*'))\"`")
+        raise ValueError(
+            f"timm has no model '{name}'; list them with `python -c \"import timm; "
+            "print(timm.list_models('*resnet*'))\"`"
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (OSError, RuntimeError) as failed:
@@ -79,7 +84,11 @@ def build_classifier(
             raise ValueError(f"unknown model family '{family}/' in '{arch}': use timm/<name> or torchvision/<name>")
         return HUB_FAMILIES[family](name, num_classes, in_chans, pretrained, **arch_kwargs)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown classifier '{arch}': choose one of {sorted(ARCHITECTURES)}, timm/<name> or torchvision/<name>")
+        raise ValueError(
+            f"unknown classifier '{arch}': choose one of {sorted(ARCHITECTURES)}, timm/<name> or torchvision/<name>"
+        )
     if pretrained:
-        raise ValueError(f"'{arch}' has no pretrained weights to fetch: train one (configs/victim_*.yaml) or pass `weights`")
+        raise ValueError(
+            f"'{arch}' has no pretrained weights to fetch: train one (configs/victim_*.yaml) or pass `weights`"
+        )
     return ARCHITECTURES[arch](num_classes=num_classes, in_chans=in_chans, **arch_kwargs)

@@ -1,7 +1,9 @@
 """Classifiers that take [0,1] images: normalization inside, and a frozen variant for loss loops."""
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +17,7 @@ class NormalizedClassifier(nn.Module):
     state_dict (the export file records them beside the weights).
     """
 
-    def __init__(self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+    def __init__(self, net: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         super().__init__()
         self.net = net
         channels = len(mean) if mean is not None else len(std) if std is not None else 1
@@ -42,13 +44,16 @@ class FrozenClassifier(NormalizedClassifier):
     """
 
     def __init__(
-        self, net: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-        spec: Optional[dict[str, Any]] = None,
+        self,
+        net: nn.Module,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(net, mean, std)
         self.spec = dict(spec) if spec is not None else None
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenClassifier":
+    def train(self, mode: bool = True) -> FrozenClassifier:
         return super().train(False)

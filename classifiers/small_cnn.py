@@ -1,5 +1,6 @@
 """A small VGG-style CNN: the victim of the quick start and the tests (73k parameters at the
 default widths; learns the embedded shapes to 99.5% in 40 s on 2 CPU cores: docs/RESULTS.md)."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -7,7 +8,9 @@ from torch import Tensor, nn
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 

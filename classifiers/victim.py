@@ -7,9 +7,10 @@ Label smoothing is off by default, on purpose: it masks gradients. In the projec
 against 0.0% without it: the victim looked robust only because the attack's gradients were flattened.
 A victim for robustness experiments should make attacks look as strong as they are.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -46,11 +47,11 @@ class VictimModule(pl.LightningModule):
         arch: str = "small_cnn",
         num_classes: int = 10,
         in_chans: int = 3,
-        arch_kwargs: Optional[dict[str, Any]] = None,
-        mean: Optional[list[float]] = None,
-        std: Optional[list[float]] = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         pretrained: bool = False,
-        weights: Optional[str] = None,
+        weights: str | None = None,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,

@@ -1,15 +1,33 @@
 """Defenses: modules mapping [0,1] images to [0,1] images, evaluated in front of a classifier."""
+
 from defenses.base import DefendedClassifier, Defense, describe
 from defenses.cii import CIIDefence, Inpainter, TeleaInpainter
 from defenses.dip import DipDefense
+from defenses.factory import DEFENSES, build_defense, make_defense, parse_spec
 from defenses.randomization import StructuredRandomization, circular_shift
-from defenses.factory import DEFENSES, EXPORTED_DEFENSES, build_defense, make_defense, parse_spec
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise, wavelet_denoise
 
 __all__ = [
-    "DEFENSES", "EXPORTED_DEFENSES", "BicubicDownUp", "BitDepth", "CIIDefence", "DefendedClassifier", "Defense", "DipDefense",
-    "Identity", "Inpainter", "Jpeg", "TeleaInpainter",
-    "MedianFilter", "RandomResizePad", "StructuredRandomization", "circular_shift", "WaveletDenoise", "build_defense", "describe", "make_defense", "parse_spec",
+    "DEFENSES",
+    "BicubicDownUp",
+    "BitDepth",
+    "CIIDefence",
+    "DefendedClassifier",
+    "Defense",
+    "DipDefense",
+    "Identity",
+    "Inpainter",
+    "Jpeg",
+    "TeleaInpainter",
+    "MedianFilter",
+    "RandomResizePad",
+    "StructuredRandomization",
+    "circular_shift",
+    "WaveletDenoise",
+    "build_defense",
+    "describe",
+    "make_defense",
+    "parse_spec",
     "wavelet_denoise",
 ]

@@ -15,6 +15,7 @@ BPDA belongs to the model, not to the attack: `bpda(x)` returns the defense's re
 the forward pass with the surrogate's gradient on the backward pass, so any gradient attack
 becomes a BPDA attack by attacking `DefendedClassifier(..., backward="bpda")`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -54,7 +55,8 @@ class Defense(nn.Module):
 
     def reseed(self, *keys: int) -> None:
         """Fix the random draws of a randomized defense to a function of integer keys."""
-        self._seed_keys, self._generators = tuple(keys), {}
+        self._seed_keys = tuple(keys)
+        self._generators = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The defense's generator on `device`; successive calls continue one stream (fresh draws)."""
@@ -83,7 +85,9 @@ class DefendedClassifier(nn.Module):
         super().__init__()
         if backward not in ("exact", "bpda"):
             raise ValueError(f"backward must be 'exact' or 'bpda', got {backward!r}")
-        self.classifier, self.defense, self.backward = classifier, defense, backward
+        self.classifier = classifier
+        self.defense = defense
+        self.backward = backward
 
     def forward(self, x: Tensor) -> Tensor:
         restored = self.defense.bpda(x) if self.backward == "bpda" else self.defense(x)

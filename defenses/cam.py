@@ -13,10 +13,10 @@ network whose last activation is functional after a module (a pre-activation Res
 BN-ReLU) fails that test and gets Grad-CAM on the module's output, unless `layer` names the
 module whose output the head pools.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,12 @@ class CamLayers:
     linear layer when CAM applies, None for Grad-CAM."""
 
     features: nn.Module
-    head: Optional[nn.Linear]
+    head: nn.Linear | None
 
 
-def _record_outputs(classifier: nn.Module, x: Tensor) -> tuple[list[tuple[nn.Module, Tensor]], list[tuple[nn.Linear, Tensor]]]:
+def _record_outputs(
+    classifier: nn.Module, x: Tensor
+) -> tuple[list[tuple[nn.Module, Tensor]], list[tuple[nn.Linear, Tensor]]]:
     """Run the classifier once; (module, output) of every spatial map in call order, (linear, input) of every Linear."""
     maps: list[tuple[nn.Module, Tensor]] = []
     linears: list[tuple[nn.Linear, Tensor]] = []
@@ -53,7 +55,7 @@ def _record_outputs(classifier: nn.Module, x: Tensor) -> tuple[list[tuple[nn.Mod
     return maps, linears
 
 
-def locate_cam_layers(classifier: nn.Module, x: Tensor, layer: Optional[str] = None) -> CamLayers:
+def locate_cam_layers(classifier: nn.Module, x: Tensor, layer: str | None = None) -> CamLayers:
     """The feature layer (named `layer`, or found) and, when the head pools it, the head (see module docstring).
 
     x: (N,C,H,W) float in [0,1], a sample of the images the maps will be computed on.
@@ -62,12 +64,16 @@ def locate_cam_layers(classifier: nn.Module, x: Tensor, layer: Optional[str] = N
     if layer is not None:
         named = dict(classifier.named_modules())
         if layer not in named:
-            raise ValueError(f"the classifier has no module {layer!r}; its modules: {[name for name in named if name][:40]}")
+            raise ValueError(
+                f"the classifier has no module {layer!r}; its modules: {[name for name in named if name][:40]}"
+            )
         maps = [(module, output) for module, output in maps if module is named[layer]]
         if not maps:
             raise ValueError(f"module {layer!r} does not return a spatial map (N,K,h,w) with h*w > 1")
     if not maps:
-        raise ValueError("the classifier has no module returning a spatial feature map; CAMs need a convolutional network")
+        raise ValueError(
+            "the classifier has no module returning a spatial feature map; CAMs need a convolutional network"
+        )
     features, feature_map = maps[-1]
     if linears:
         head, pooled = linears[-1]
@@ -109,7 +115,9 @@ def _capture(classifier: nn.Module, module: nn.Module, x: Tensor, as_leaf: bool 
     return logits, captured[-1]
 
 
-def class_activation_maps(classifier: nn.Module, x: Tensor, top_classes: int, layers: CamLayers) -> tuple[Tensor, Tensor]:
+def class_activation_maps(
+    classifier: nn.Module, x: Tensor, top_classes: int, layers: CamLayers
+) -> tuple[Tensor, Tensor]:
     """Maps of each image's `top_classes` highest-scoring classes, upsampled bilinearly to the image.
 
     x: (N,C,H,W) float in [0,1]. Returns (maps (N,top_classes,H,W) float, classes (N,top_classes)

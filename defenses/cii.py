@@ -22,9 +22,10 @@ inpainter (differentiable), and replaces Telea by the identity inside the boxes.
 inpainter the surrogate is then the defense itself wherever the mask does not change, so BPDA
 gives the true gradient almost everywhere.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -64,10 +65,12 @@ class TeleaInpainter(Inpainter):
 
         images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         holes = mask[:, 0].to(torch.uint8).cpu().numpy()
-        filled = np.stack([
-            cv2.inpaint(np.ascontiguousarray(image), hole, self.radius, cv2.INPAINT_TELEA).reshape(image.shape)
-            for image, hole in zip(images, holes)
-        ])
+        filled = np.stack(
+            [
+                cv2.inpaint(np.ascontiguousarray(image), hole, self.radius, cv2.INPAINT_TELEA).reshape(image.shape)
+                for image, hole in zip(images, holes)
+            ]
+        )
         inpainted = torch.from_numpy(filled).to(x.device).permute(0, 3, 1, 2).to(x.dtype) / 255
         return torch.where(mask > 0, inpainted, x)
 
@@ -85,15 +88,26 @@ class CIIDefence(Defense):
     needs_classifier = True
 
     def __init__(
-        self, classifier: nn.Module, inpainter: Inpainter | str = "telea", top_classes: int = 2, maxima: int = 3,
-        half_width: int = 3, nms_radius: Optional[int] = None, fusion: Fusion = "paste", blend: float = 0.5,
-        wavelet: str = "db1", sigma: Optional[float] = None, cam_layer: Optional[str] = None, telea_radius: int = 3,
+        self,
+        classifier: nn.Module,
+        inpainter: Inpainter | str = "telea",
+        top_classes: int = 2,
+        maxima: int = 3,
+        half_width: int = 3,
+        nms_radius: int | None = None,
+        fusion: Fusion = "paste",
+        blend: float = 0.5,
+        wavelet: str = "db1",
+        sigma: float | None = None,
+        cam_layer: str | None = None,
+        telea_radius: int = 3,
     ) -> None:
         super().__init__()
         if isinstance(inpainter, str) and inpainter != "telea":
             raise ValueError(
                 f"inpainter {inpainter!r}: by name only 'telea' is available; a trained inpainter comes from its "
-                "export file (--defense checkpoints/cii_<data>.pt, written by `train.py fit --config configs/cii_<data>.yaml`)"
+                "export file (--defense checkpoints/cii_<data>.pt, written by `train.py fit --config "
+                "configs/cii_<data>.yaml`)"
             )
         if min(top_classes, maxima) < 1 or half_width < 0 or (nms_radius is not None and nms_radius < 0):
             raise ValueError("top_classes and maxima must be >= 1, half_width and nms_radius >= 0")
@@ -101,18 +115,32 @@ class CIIDefence(Defense):
             raise ValueError(f"fusion must be 'paste' or 'blend' and blend in [0, 1], got {fusion!r}, {blend}")
         self.classifier = classifier
         self.inpainter = TeleaInpainter(telea_radius) if isinstance(inpainter, str) else inpainter
-        self.top_classes, self.maxima, self.half_width = top_classes, maxima, half_width
+        self.top_classes = top_classes
+        self.maxima = maxima
+        self.half_width = half_width
         self.nms_radius = 2 * half_width if nms_radius is None else nms_radius
-        self.fusion, self.blend, self.wavelet, self.sigma = fusion, blend, wavelet, sigma
-        self.cam_layer, self.telea_radius = cam_layer, telea_radius
-        self._layers: Optional[CamLayers] = None
+        self.fusion = fusion
+        self.blend = blend
+        self.wavelet = wavelet
+        self.sigma = sigma
+        self.cam_layer = cam_layer
+        self.telea_radius = telea_radius
+        self._layers: CamLayers | None = None
 
     def spec(self) -> dict[str, Any]:
         return {
-            "name": "cii", "inpainter": "telea" if isinstance(self.inpainter, TeleaInpainter) else "learned",
-            "top_classes": self.top_classes, "maxima": self.maxima, "half_width": self.half_width,
-            "nms_radius": self.nms_radius, "fusion": self.fusion, "blend": self.blend, "wavelet": self.wavelet,
-            "sigma": self.sigma, "cam_layer": self.cam_layer, "telea_radius": self.telea_radius,
+            "name": "cii",
+            "inpainter": "telea" if isinstance(self.inpainter, TeleaInpainter) else "learned",
+            "top_classes": self.top_classes,
+            "maxima": self.maxima,
+            "half_width": self.half_width,
+            "nms_radius": self.nms_radius,
+            "fusion": self.fusion,
+            "blend": self.blend,
+            "wavelet": self.wavelet,
+            "sigma": self.sigma,
+            "cam_layer": self.cam_layer,
+            "telea_radius": self.telea_radius,
         }
 
     def masks(self, x: Tensor) -> Tensor:

@@ -31,10 +31,12 @@ The networks' weights and input noise are drawn from the defense's generator, so
 randomized (eval.py scores several draws and attacks it with EOT), and the fit is an optimisation
 loop, not differentiable: eval.py attacks it with BPDA (identity surrogate).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,13 @@ class GroupedConv2d(nn.Module):
     """
 
     def __init__(
-        self, count: int, in_channels: int, out_channels: int, kernel: int, stride: int, generator: torch.Generator,
+        self,
+        count: int,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        generator: torch.Generator,
     ) -> None:
         super().__init__()
         device, bound = generator.device, 1 / math.sqrt(in_channels * kernel * kernel)
@@ -61,11 +69,20 @@ class GroupedConv2d(nn.Module):
 
         self.weight = uniform(count * out_channels, in_channels, kernel, kernel)
         self.bias = uniform(count * out_channels)
-        self.count, self.out_channels, self.stride = count, out_channels, stride
+        self.count = count
+        self.out_channels = out_channels
+        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        out = F.conv2d(x.reshape(1, -1, height, width), self.weight, self.bias, self.stride, self.weight.shape[-1] // 2, groups=self.count)
+        out = F.conv2d(
+            x.reshape(1, -1, height, width),
+            self.weight,
+            self.bias,
+            self.stride,
+            self.weight.shape[-1] // 2,
+            groups=self.count,
+        )
         return out.view(self.count, self.out_channels, *out.shape[-2:])
 
 
@@ -79,7 +96,12 @@ class GroupedSkipNetwork(nn.Module):
     """
 
     def __init__(
-        self, count: int, noise_channels: int, out_channels: int, widths: Sequence[int], skip_channels: int,
+        self,
+        count: int,
+        noise_channels: int,
+        out_channels: int,
+        widths: Sequence[int],
+        skip_channels: int,
         generator: torch.Generator,
     ) -> None:
         super().__init__()
@@ -87,7 +109,9 @@ class GroupedSkipNetwork(nn.Module):
         def conv(in_channels: int, out: int, kernel: int = 3, stride: int = 1) -> GroupedConv2d:
             return GroupedConv2d(count, in_channels, out, kernel, stride, generator)
 
-        self.down, self.skips, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        self.up = nn.ModuleList()
         channels = noise_channels
         for width in widths:
             self.skips.append(conv(channels, skip_channels, kernel=1))
@@ -128,7 +152,13 @@ def _run_lengths(labels: Tensor, valid: Tensor) -> Tensor:
 
 
 def stitch_trajectory(
-    records: Tensor, labels: Tensor, valid: Tensor, x: Tensor, input_labels: Tensor, min_run: int, stitch_records: int,
+    records: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    x: Tensor,
+    input_labels: Tensor,
+    min_run: int,
+    stitch_records: int,
     step_away: float,
 ) -> Tensor:
     """Steps 4-5 of the module docstring, for every image at once.
@@ -165,9 +195,20 @@ class DipDefense(Defense):
     needs_classifier = True
 
     def __init__(
-        self, classifier: nn.Module, iterations: int = 300, lr: float = 0.01, record_every: int = 10,
-        warmup_records: int = 5, min_run: int = 2, stop_psnr: Optional[float] = None, psnr_smoothing: float = 0.9, stitch_records: int = 5,
-        step_away: float = 0.5, widths: Sequence[int] = (16, 32), skip_channels: int = 4, noise_channels: int = 8,
+        self,
+        classifier: nn.Module,
+        iterations: int = 300,
+        lr: float = 0.01,
+        record_every: int = 10,
+        warmup_records: int = 5,
+        min_run: int = 2,
+        stop_psnr: float | None = None,
+        psnr_smoothing: float = 0.9,
+        stitch_records: int = 5,
+        step_away: float = 0.5,
+        widths: Sequence[int] = (16, 32),
+        skip_channels: int = 4,
+        noise_channels: int = 8,
         noise_scale: float = 0.1,
     ) -> None:
         super().__init__()
@@ -177,26 +218,52 @@ class DipDefense(Defense):
                 f"iterations >= record_every * (warmup_records + 1) = {record_every * (warmup_records + 1)}"
             )
         if lr <= 0 or min(min_run, stitch_records) < 1 or not widths or not 0 <= psnr_smoothing < 1:
-            raise ValueError("lr must be > 0, min_run and stitch_records >= 1, widths non-empty and psnr_smoothing in [0, 1)")
+            raise ValueError(
+                "lr must be > 0, min_run and stitch_records >= 1, widths non-empty and psnr_smoothing in [0, 1)"
+            )
         self.classifier = classifier
-        self.iterations, self.lr, self.record_every, self.warmup_records = iterations, lr, record_every, warmup_records
+        self.iterations = iterations
+        self.lr = lr
+        self.record_every = record_every
+        self.warmup_records = warmup_records
         self.min_run = min_run
-        self.stop_psnr, self.psnr_smoothing, self.stitch_records, self.step_away = stop_psnr, psnr_smoothing, stitch_records, step_away
-        self.widths, self.skip_channels, self.noise_channels, self.noise_scale = tuple(widths), skip_channels, noise_channels, noise_scale
+        self.stop_psnr = stop_psnr
+        self.psnr_smoothing = psnr_smoothing
+        self.stitch_records = stitch_records
+        self.step_away = step_away
+        self.widths = tuple(widths)
+        self.skip_channels = skip_channels
+        self.noise_channels = noise_channels
+        self.noise_scale = noise_scale
 
     def spec(self) -> dict[str, Any]:
         return {
-            "name": "dip", "iterations": self.iterations, "lr": self.lr, "record_every": self.record_every,
-            "warmup_records": self.warmup_records, "min_run": self.min_run, "stop_psnr": self.stop_psnr, "psnr_smoothing": self.psnr_smoothing,
-            "stitch_records": self.stitch_records, "step_away": self.step_away, "widths": list(self.widths),
-            "skip_channels": self.skip_channels, "noise_channels": self.noise_channels, "noise_scale": self.noise_scale,
+            "name": "dip",
+            "iterations": self.iterations,
+            "lr": self.lr,
+            "record_every": self.record_every,
+            "warmup_records": self.warmup_records,
+            "min_run": self.min_run,
+            "stop_psnr": self.stop_psnr,
+            "psnr_smoothing": self.psnr_smoothing,
+            "stitch_records": self.stitch_records,
+            "step_away": self.step_away,
+            "widths": list(self.widths),
+            "skip_channels": self.skip_channels,
+            "noise_channels": self.noise_channels,
+            "noise_scale": self.noise_scale,
         }
 
     def fit(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Steps 1-3: (records (K,N,C,H,W), their labels (K,N), valid (K,N) bool) for x (N,C,H,W) in [0,1]."""
         generator = self.generator(x.device)
-        network = GroupedSkipNetwork(len(x), self.noise_channels, x.shape[1], self.widths, self.skip_channels, generator)
-        noise = torch.rand(len(x), self.noise_channels, *x.shape[-2:], generator=generator, device=x.device) * self.noise_scale
+        network = GroupedSkipNetwork(
+            len(x), self.noise_channels, x.shape[1], self.widths, self.skip_channels, generator
+        )
+        noise = (
+            torch.rand(len(x), self.noise_channels, *x.shape[-2:], generator=generator, device=x.device)
+            * self.noise_scale
+        )
         optimizer = torch.optim.Adam(network.parameters(), lr=self.lr)
         records, labels, valid = [], [], []
         running = torch.ones(len(x), dtype=torch.bool, device=x.device)
@@ -216,7 +283,9 @@ class DipDefense(Defense):
             if self.stop_psnr is not None and len(records) > self.warmup_records:
                 psnr = -10 * torch.log10(error.detach().clamp_min(1e-10))
                 first = len(records) == self.warmup_records + 1
-                smoothed_psnr = psnr if first else self.psnr_smoothing * smoothed_psnr + (1 - self.psnr_smoothing) * psnr
+                smoothed_psnr = (
+                    psnr if first else self.psnr_smoothing * smoothed_psnr + (1 - self.psnr_smoothing) * psnr
+                )
                 running &= smoothed_psnr < self.stop_psnr
                 if not running.any():  # one host sync per record, not per step
                     break
@@ -227,4 +296,6 @@ class DipDefense(Defense):
         with torch.no_grad():
             records, labels, valid = self.fit(x)
             input_labels = self.classifier(x).argmax(1)
-            return stitch_trajectory(records, labels, valid, x, input_labels, self.min_run, self.stitch_records, self.step_away)
+            return stitch_trajectory(
+                records, labels, valid, x, input_labels, self.min_run, self.stitch_records, self.step_away
+            )

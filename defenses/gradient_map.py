@@ -13,9 +13,11 @@ into [-1, 1]: raw gradients of a confident classifier are tiny and vary by order
 `create_graph=True` keeps the graph (double backprop), so an attacker can differentiate through
 the map; the defense asks for it exactly when its input requires a gradient.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,13 @@ def _self_labelled_loss(logits: Tensor, labelling: Labelling, top_k: int) -> Ten
 
 
 def gradient_map(
-    classifier: Callable[[Tensor], Tensor], x: Tensor, labelling: Labelling = "predicted", top_k: int = 3,
-    sign: bool = False, normalize: bool = True, create_graph: bool = False,
+    classifier: Callable[[Tensor], Tensor],
+    x: Tensor,
+    labelling: Labelling = "predicted",
+    top_k: int = 3,
+    sign: bool = False,
+    normalize: bool = True,
+    create_graph: bool = False,
 ) -> Tensor:
     """x: (N,C,H,W) float in [0,1] -> the estimated gradient map (N,C,H,W), in [-1,1] if normalized.
 

@@ -10,6 +10,7 @@ the detail generator learns to restore detail, never to guess the shift. Draws c
 defense's generator (`reseed` fixes them), so two calls differ and the same seed repeats them.
 On its own (`StructuredRandomization`) the low-resolution image is resized back bicubically.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,9 +31,13 @@ def circular_shift(x: Tensor, shifts: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def draw_structure(count: int, generator: torch.Generator, min_size: int, max_size: int, max_shift: int) -> tuple[int, Tensor]:
+def draw_structure(
+    count: int, generator: torch.Generator, min_size: int, max_size: int, max_shift: int
+) -> tuple[int, Tensor]:
     """One SRd draw: the low-resolution side s (a Python int) and (count,2) int64 shifts on the generator's device."""
-    side = int(torch.randint(min_size, max_size + 1, (1,), generator=generator, device=generator.device))  # one host read per call
+    side = int(
+        torch.randint(min_size, max_size + 1, (1,), generator=generator, device=generator.device)
+    )  # one host read per call
     shifts = torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator, device=generator.device)
     return side, shifts
 
@@ -40,8 +45,13 @@ def draw_structure(count: int, generator: torch.Generator, min_size: int, max_si
 def randomize_structure(x: Tensor, side: int, shifts: Tensor, mode: str) -> Tensor:
     """SRd with a given draw: x (N,C,H,W) in [0,1] -> shifted, downsampled (N,C,side,side) in [0,1]."""
     antialias = mode in ("bilinear", "bicubic")
-    low = F.interpolate(circular_shift(x, shifts), size=(side, side), mode=mode, antialias=antialias,
-                        align_corners=False if mode != "nearest" else None)
+    low = F.interpolate(
+        circular_shift(x, shifts),
+        size=(side, side),
+        mode=mode,
+        antialias=antialias,
+        align_corners=False if mode != "nearest" else None,
+    )
     return low.clamp(0, 1)
 
 
@@ -62,13 +72,24 @@ class StructuredRandomization(Defense):
     def __init__(self, min_size: int = 16, max_size: int = 28, max_shift: int = 2, mode: str = "bilinear") -> None:
         super().__init__()
         if not 1 <= min_size <= max_size or max_shift < 0:
-            raise ValueError(f"need 1 <= min_size <= max_size and max_shift >= 0, got {min_size}, {max_size}, {max_shift}")
+            raise ValueError(
+                f"need 1 <= min_size <= max_size and max_shift >= 0, got {min_size}, {max_size}, {max_shift}"
+            )
         if mode not in ("nearest", "bilinear", "bicubic", "area"):
             raise ValueError(f"mode must be nearest, bilinear, bicubic or area, got {mode!r}")
-        self.min_size, self.max_size, self.max_shift, self.mode = min_size, max_size, max_shift, mode
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_shift = max_shift
+        self.mode = mode
 
     def spec(self) -> dict[str, Any]:
-        return {"name": "srd", "min_size": self.min_size, "max_size": self.max_size, "max_shift": self.max_shift, "mode": self.mode}
+        return {
+            "name": "srd",
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "max_shift": self.max_shift,
+            "mode": self.mode,
+        }
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[int, Tensor]:
         """A draw (side, (count,2) shifts) from `generator`, on its device."""

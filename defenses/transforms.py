@@ -4,6 +4,7 @@ These are the defenses whose gray-box numbers once looked strong and which fell 
 (Guo et al. 2018; Xu et al. 2018; Xie et al. 2018; Athalye et al. 2018). Every learned restorer
 is measured against them under the same attacks.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -18,9 +18,10 @@ differentiable transforms instead of one image at a time on the CPU:
 skimage also rescales each YCbCr channel to [0,1] before thresholding; BayesShrink and soft
 shrinkage commute with that scaling, so the result is the same without it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import ptwt
 import pywt
@@ -30,9 +31,10 @@ from torch import Tensor
 from defenses.base import Defense
 
 # ITU-R BT.601 for [0,1] RGB (skimage's matrix / 255); offsets (16, 128, 128) / 255.
-_YCBCR_FROM_RGB = torch.tensor(
-    [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=torch.float64
-) / 255
+_YCBCR_FROM_RGB = (
+    torch.tensor([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=torch.float64)
+    / 255
+)
 _YCBCR_OFFSET = torch.tensor([16.0, 128.0, 128.0], dtype=torch.float64) / 255
 _MAD_TO_SIGMA = 0.6744897501960817  # the 75th percentile of the standard normal
 
@@ -78,7 +80,7 @@ def _soft_bayes_shrink(details: Tensor, variance: Tensor) -> Tensor:
 
 
 def wavelet_denoise(
-    x: Tensor, wavelet: str = "db1", levels: Optional[int] = None, sigma: Optional[float] = None, ycbcr: bool = True
+    x: Tensor, wavelet: str = "db1", levels: int | None = None, sigma: float | None = None, ycbcr: bool = True
 ) -> Tensor:
     """Soft BayesShrink wavelet denoising of a batch.
 
@@ -112,16 +114,27 @@ def wavelet_denoise(
 class WaveletDenoise(Defense):
     """Soft BayesShrink wavelet denoising (see module docstring); differentiable."""
 
-    def __init__(self, wavelet: str = "db1", levels: Optional[int] = None, sigma: Optional[float] = None, ycbcr: bool = True) -> None:
+    def __init__(
+        self, wavelet: str = "db1", levels: int | None = None, sigma: float | None = None, ycbcr: bool = True
+    ) -> None:
         super().__init__()
         if wavelet not in pywt.wavelist(kind="discrete"):
             raise ValueError(f"unknown discrete wavelet {wavelet!r}; see pywt.wavelist(kind='discrete')")
         if levels is not None and levels < 1 or sigma is not None and sigma < 0:
             raise ValueError("levels must be >= 1 and sigma >= 0 when given")
-        self.wavelet, self.levels, self.sigma, self.ycbcr = wavelet, levels, sigma, ycbcr
+        self.wavelet = wavelet
+        self.levels = levels
+        self.sigma = sigma
+        self.ycbcr = ycbcr
 
     def spec(self) -> dict[str, Any]:
-        return {"name": "wavelet", "wavelet": self.wavelet, "levels": self.levels, "sigma": self.sigma, "ycbcr": self.ycbcr}
+        return {
+            "name": "wavelet",
+            "wavelet": self.wavelet,
+            "levels": self.levels,
+            "sigma": self.sigma,
+            "ycbcr": self.ycbcr,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return wavelet_denoise(x, self.wavelet, self.levels, self.sigma, self.ycbcr)

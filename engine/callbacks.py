@@ -1,8 +1,9 @@
 """Callbacks: engineering that stays out of the research modules."""
+
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,7 +28,9 @@ class TrainThroughput(pl.Callback):
     synchronization at the epoch's start and end only, never inside the step loop."""
 
     def __init__(self) -> None:
-        self._start, self._images, self._seconds = 0.0, 0, None
+        self._start = 0.0
+        self._images = 0
+        self._seconds = None
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
@@ -36,9 +39,13 @@ class TrainThroughput(pl.Callback):
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._images, self._seconds = self._now(pl_module), 0, None
+        self._start = self._now(pl_module)
+        self._images = 0
+        self._seconds = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._images += len(batch[0])
 
     def _stop(self, pl_module: pl.LightningModule) -> None:
@@ -61,7 +68,7 @@ class ExportOnFitEnd(pl.Callback):
     an interrupted fit writes nothing. The module provides `to_export(meta) -> dict`.
     """
 
-    def __init__(self, path: Optional[str] = None) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path = path
         self._commit = "unknown"
 
@@ -102,7 +109,7 @@ class RestorerEMA(pl.Callback):
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.average: Optional[dict[str, torch.Tensor]] = None
+        self.average: dict[str, torch.Tensor] | None = None
         self._last_step = -1
 
     @staticmethod
@@ -116,7 +123,9 @@ class RestorerEMA(pl.Callback):
         else:  # restored from a checkpoint: move next to the weights
             self.average = {k: self.average[k].to(v.device) for k, v in live.items()}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self._last_step:  # no optimizer step (gradient accumulation)
             return
         self._last_step = trainer.global_step
@@ -153,4 +162,5 @@ class RestorerEMA(pl.Callback):
         return {"average": self.average, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.average, self._last_step = state_dict["average"], state_dict["last_step"]
+        self.average = state_dict["average"]
+        self._last_step = state_dict["last_step"]

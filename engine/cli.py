@@ -9,6 +9,7 @@ checkpoint; a fresh `fit` into a run that already has one is refused rather than
 overwriting it. Every model takes `num_classes` and `in_chans`, linked from the data module,
 and the data module's shuffle/augmentation seed is linked from `seed_everything`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,10 @@ def _data_seed(seed_everything: Any) -> int:
 class RestorationCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(
-            pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             seed_everything_default=0,
             # A resumed run writes its config again into the same run folder (Lightning #17115).
             save_config_kwargs={"overwrite": True},
@@ -46,17 +50,23 @@ class RestorationCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run.name", type=str, required=True, help="run name: runs/<name>/ and checkpoints/<name>.pt")
+        parser.add_argument(
+            "--run.name", type=str, required=True, help="run name: runs/<name>/ and checkpoints/<name>.pt"
+        )
         parser.add_argument("--run.root", type=str, default="runs", help="folder of the run folders")
         parser.add_argument("--run.export_dir", type=str, default="checkpoints", help="folder of the export files")
         # Two checkpoint callbacks: the best by a metric, and last.ckpt rewritten every epoch. One
         # ModelCheckpoint(save_last=True, monitor=...) refreshes last.ckpt only in epochs that also
         # saved a top-k file, so a resume could silently restart from an older epoch.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
-            "checkpoint.filename": "best-epoch{epoch}-step{step}", "checkpoint.auto_insert_metric_name": False,
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-epoch{epoch}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False})
         for key in ("checkpoint.dirpath", "last_checkpoint.dirpath"):

@@ -1,4 +1,5 @@
 """Seeds derived from integer keys: every random draw in the project is a function of them."""
+
 from __future__ import annotations
 
 import torch

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -16,12 +16,15 @@ from tests.device_audit import implicit_device_audit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # ../shared/data beside the checkout; .data/ inside it (git-ignored) where ../shared does not travel (a GPU machine).
-CIFAR_TARBALLS = (REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz", REPO_ROOT / ".data" / "cifar10-jpg.tar.gz")
+CIFAR_TARBALLS = (
+    REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz",
+    REPO_ROOT / ".data" / "cifar10-jpg.tar.gz",
+)
 QUICKSTART_CONFIG = str(REPO_ROOT / "configs" / "victim_shapes.yaml")
 GPU_TIER_ON_CPU = "RD_GPU_TIER_ON_CPU"  # =1: run the gpu tier on the CPU (a dry run of its logic, not of any device)
 
 
-def gpu_tier_device() -> Optional[torch.device]:
+def gpu_tier_device() -> torch.device | None:
     """The device the `gpu` tier runs on: CUDA when present, the CPU when asked for a dry run, else None."""
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -32,7 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked `gpu` are skipped, saying why, where there is no CUDA device (CI)."""
     if gpu_tier_device() is not None:
         return
-    skip = pytest.mark.skip(reason=f"gpu tier: no CUDA device here (run `pytest -m gpu` on a GPU; {GPU_TIER_ON_CPU}=1 dry-runs it on the CPU)")
+    skip = pytest.mark.skip(
+        reason="gpu tier: no CUDA device here "
+        f"(run `pytest -m gpu` on a GPU; {GPU_TIER_ON_CPU}=1 dry-runs it on the CPU)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -46,13 +52,15 @@ def tensors_say_where_they_live() -> Iterator[None]:
         yield
 
 
-
 @contextlib.contextmanager
 def torch_flags_kept() -> Iterator[None]:
     """Undo the process-wide flags a Trainer sets: `deterministic: true` (victim_shapes.yaml) turns on
     torch.use_deterministic_algorithms for the whole process, and on CUDA every later bicubic
     backward or median in that process then raises (found by the gpu tier on an H200)."""
-    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         yield
@@ -72,8 +80,17 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 # learning rate. The shapes have a start-up plateau; at 0.02 every seed and precision we tried
 # leaves it within 2 epochs, while one-cycle's warm-up or lr 0.05 kept some runs on it.
 SMALL_RUN = [
-    "--data.init_args.num_train", "3000", "--data.init_args.num_test", "500", "--data.init_args.batch_size", "32",
-    "--model.init_args.schedule", "constant", "--model.init_args.lr", "0.02", *QUIET,
+    "--data.init_args.num_train",
+    "3000",
+    "--data.init_args.num_test",
+    "500",
+    "--data.init_args.batch_size",
+    "32",
+    "--model.init_args.schedule",
+    "constant",
+    "--model.init_args.lr",
+    "0.02",
+    *QUIET,
 ]
 
 
@@ -90,7 +107,10 @@ def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per session."""
     tarball = next((path for path in CIFAR_TARBALLS if path.is_file()), None)
     if tarball is None:
-        pytest.skip(f"real CIFAR-10 data absent: none of {[str(path) for path in CIFAR_TARBALLS]} (../shared/data beside the checkout)")
+        pytest.skip(
+            f"real CIFAR-10 data absent: none of {[str(path) for path in CIFAR_TARBALLS]} (../shared/data beside the "
+            "checkout)"
+        )
     root = tmp_path_factory.mktemp("cifar10")
     with tarfile.open(tarball) as archive:
         archive.extractall(root, filter="data")
@@ -111,14 +131,27 @@ def restorer_args(config: str, victim: Path, root: Path, name: str, steps: int, 
     """`train.py fit` arguments: a tiny restorer config on the embedded shapes, shrunk to `steps`
     steps of 32 images (one epoch), against `victim`."""
     return [
-        "fit", "--config", config, *QUIET, *run_dirs(root, name), "--model.init_args.classifier", str(victim),
-        "--data.init_args.num_train", str(32 * steps), "--data.init_args.num_test", "500", "--data.init_args.val_images", "200",
-        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", *extra,
+        "fit",
+        "--config",
+        config,
+        *QUIET,
+        *run_dirs(root, name),
+        "--model.init_args.classifier",
+        str(victim),
+        "--data.init_args.num_train",
+        str(32 * steps),
+        "--data.init_args.num_test",
+        "500",
+        "--data.init_args.val_images",
+        "200",
+        "--data.init_args.batch_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        *extra,
     ]
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """A project script in a fresh Python process (needed where Lightning launches processes)."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)

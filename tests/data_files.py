@@ -5,13 +5,14 @@ modules and of every config on a GPU, where the real files are absent.
 torchvision checks the md5 of the official SVHN and STL10 files; `accept_written_files` lets it
 read these instead (the format is checked by reading it back, tests/test_datamodules.py).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,8 +46,12 @@ def write_fashion_mnist(root: Path, split: str, images: Tensor, labels: Tensor) 
     raw.mkdir(parents=True, exist_ok=True)
     prefix = "train" if split == "train" else "t10k"
     count, _, height, width = images.shape
-    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, count, height, width) + images[:, 0].numpy().tobytes())
-    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, count) + labels.numpy().astype(np.uint8).tobytes())
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">iiii", 2051, count, height, width) + images[:, 0].numpy().tobytes()
+    )
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">ii", 2049, count) + labels.numpy().astype(np.uint8).tobytes()
+    )
 
 
 def write_stl10(root: Path, split: str, images: Tensor, labels: Tensor) -> None:
@@ -73,8 +78,12 @@ def write_data_set(name: str, root: Path, train: int, test: int, seed: int = 0) 
 def accept_written_files() -> Iterator[None]:
     """Let torchvision read SVHN and STL10 files that exist but are not the official ones (md5)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.SVHN, "_check_integrity", lambda self: os.path.isfile(os.path.join(self.root, self.filename)))
-        patch.setattr(datasets.STL10, "_check_integrity", lambda self: os.path.isdir(os.path.join(self.root, self.base_folder)))
+        patch.setattr(
+            datasets.SVHN, "_check_integrity", lambda self: os.path.isfile(os.path.join(self.root, self.filename))
+        )
+        patch.setattr(
+            datasets.STL10, "_check_integrity", lambda self: os.path.isdir(os.path.join(self.root, self.base_folder))
+        )
         yield
 
 

@@ -16,13 +16,15 @@ Not audited, on purpose:
   device and follow the module when it moves (`trainer.init_module()` relies on exactly that);
 - the tensor-following constructors (`x.new_zeros`, `torch.zeros_like`), right by design.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,11 +35,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The project's source: everything but the tests (which build CPU fixtures on purpose).
 PROJECT_SOURCE = tuple(
     str(REPO_ROOT / name)
-    for name in ("attacks", "classifiers", "datamodules", "defenses", "engine", "evaluation", "restorers", "benchmarks", "scripts",
-                 "eval.py", "train.py")
+    for name in (
+        "attacks",
+        "classifiers",
+        "datamodules",
+        "defenses",
+        "engine",
+        "evaluation",
+        "restorers",
+        "benchmarks",
+        "scripts",
+        "eval.py",
+        "train.py",
+    )
 )
 # Frames between the caller and this mode that belong to torch's dispatch machinery, not to the caller.
-_DISPATCH_FILES = (str(Path(torch.__file__).parent / "overrides.py"), str(Path(torch.__file__).parent / "utils" / "_device.py"), __file__)
+_DISPATCH_FILES = (
+    str(Path(torch.__file__).parent / "overrides.py"),
+    str(Path(torch.__file__).parent / "utils" / "_device.py"),
+    __file__,
+)
 
 
 class ImplicitDeviceError(RuntimeError):
@@ -72,7 +89,11 @@ class ImplicitDeviceAudit(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self.factories and kwargs.get("device") is None and not _converts_a_tensor(func, args):
             frame = _caller(_DISPATCH_FILES)
-            if frame is not None and frame.f_code.co_filename.startswith(self.roots) and not _places_on_the_default_device(frame):
+            if (
+                frame is not None
+                and frame.f_code.co_filename.startswith(self.roots)
+                and not _places_on_the_default_device(frame)
+            ):
                 filename, line = frame.f_code.co_filename, frame.f_lineno
                 where = Path(filename).relative_to(REPO_ROOT) if filename.startswith(str(REPO_ROOT)) else filename
                 raise ImplicitDeviceError(

@@ -41,7 +41,9 @@ def test_pgd_drives_the_undefended_victim_to_near_zero(victim, held_out):
 def test_accuracy_does_not_rise_with_epsilon(victim, held_out):
     x, y = held_out
     accuracies = [
-        accuracy(victim, pgd(eps / 255, steps=10)(victim, x, y, seeded_generator("cpu", 0)), y) if eps else accuracy(victim, x, y)
+        accuracy(victim, pgd(eps / 255, steps=10)(victim, x, y, seeded_generator("cpu", 0)), y)
+        if eps
+        else accuracy(victim, x, y)
         for eps in (0, 1, 2, 4, 8)
     ]
     assert accuracies == sorted(accuracies, reverse=True), accuracies
@@ -80,7 +82,9 @@ def test_restarts_never_do_worse_than_one_run(victim, held_out):
     x, y = held_out
     weak = GradientAttack("linf", 2 / 255, steps=3)
     one = accuracy(victim, weak(victim, x, y, seeded_generator("cpu", 2)), y)
-    three = accuracy(victim, GradientAttack("linf", 2 / 255, steps=3, restarts=3)(victim, x, y, seeded_generator("cpu", 2)), y)
+    three = accuracy(
+        victim, GradientAttack("linf", 2 / 255, steps=3, restarts=3)(victim, x, y, seeded_generator("cpu", 2)), y
+    )
     assert three <= one
 
 
@@ -97,7 +101,8 @@ class NoisyModel(nn.Module):
 
     def __init__(self, classifier: nn.Module, seed: int) -> None:
         super().__init__()
-        self.classifier, self.generator = classifier, torch.Generator().manual_seed(seed)
+        self.classifier = classifier
+        self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(x + 0.1 * torch.randn(x.shape, generator=self.generator))

@@ -8,15 +8,26 @@ import torch
 from torch import nn
 
 from classifiers import (
-    ARCHITECTURES, FrozenClassifier, PretrainedWeightsUnavailable, VictimModule, build_classifier, load_classifier,
+    ARCHITECTURES,
+    FrozenClassifier,
+    PretrainedWeightsUnavailable,
+    VictimModule,
+    build_classifier,
+    load_classifier,
 )
 from engine.export import NotAnExportError, atomic_save, make_export
 
 
-@pytest.mark.parametrize("arch, kwargs", [
-    ("resnet18_cifar", {"width": 8}), ("preact_resnet18", {"width": 8}), ("small_cnn", {}),
-    ("timm/resnet10t", {}), ("torchvision/resnet18", {}),
-])
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("resnet18_cifar", {"width": 8}),
+        ("preact_resnet18", {"width": 8}),
+        ("small_cnn", {}),
+        ("timm/resnet10t", {}),
+        ("torchvision/resnet18", {}),
+    ],
+)
 @pytest.mark.parametrize("in_chans, size", [(3, 32), (1, 28)])
 def test_architectures_map_images_to_logits(arch: str, kwargs: dict, in_chans: int, size: int):
     if arch.startswith("torchvision/") and in_chans != 3:
@@ -96,7 +107,10 @@ def test_foreign_pickles_and_other_files_are_refused(tmp_path: Path):
     with pytest.raises(NotAnExportError, match="refusing.*Unsupported global.*_NotATensor"):
         load_classifier(with_object)
 
-    for name, write in (("pickle.pt", lambda s: pickle.dump({"a": _NotATensor()}, s)), ("garbage.pt", lambda s: s.write(b"junk"))):
+    for name, write in (
+        ("pickle.pt", lambda s: pickle.dump({"a": _NotATensor()}, s)),
+        ("garbage.pt", lambda s: s.write(b"junk")),
+    ):
         with open(tmp_path / name, "wb") as stream:
             write(stream)
         with pytest.raises(NotAnExportError, match="refusing"):

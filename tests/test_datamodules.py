@@ -5,14 +5,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from PIL import Image
 
 from datamodules import (
-    CIFAR10, SHAPE_CLASSES, STL10, SVHN, DataNotFoundError, FashionMNIST, ImageFolderStream, ImageFolderTensors, Shapes,
+    CIFAR10,
+    SHAPE_CLASSES,
+    STL10,
+    SVHN,
+    DataNotFoundError,
+    FashionMNIST,
+    ImageFolderStream,
+    ImageFolderTensors,
+    Shapes,
+    image_folder,
     render_shapes,
 )
-from datamodules import image_folder
 from datamodules.base import crop_and_flip
 from tests.data_files import accept_written_files, write_data_set, write_fashion_mnist
 
@@ -42,7 +49,9 @@ def test_colour_statistics_do_not_give_the_class_away():
 
     train_images, train_labels = render_shapes(3000, seed=0)
     test_images, test_labels = render_shapes(1000, seed=1)
-    centroids = torch.stack([colour_features(train_images[train_labels == k]).mean(0) for k in range(len(SHAPE_CLASSES))])
+    centroids = torch.stack(
+        [colour_features(train_images[train_labels == k]).mean(0) for k in range(len(SHAPE_CLASSES))]
+    )
     predicted = torch.cdist(colour_features(test_images), centroids).argmin(1)
     assert (predicted == test_labels).float().mean() < 0.2
 
@@ -148,9 +157,15 @@ def test_cifar10_from_the_real_jpeg_tree(cifar_tree: Path):
     assert torch.equal(generic.load_split("test").images, test.images)
 
 
-@pytest.mark.parametrize("datamodule_class, expected", [
-    (CIFAR10, "cifar-10-batches-py"), (SVHN, "test_32x32.mat"), (STL10, "stl10_binary"), (FashionMNIST, "-ubyte"),
-])
+@pytest.mark.parametrize(
+    "datamodule_class, expected",
+    [
+        (CIFAR10, "cifar-10-batches-py"),
+        (SVHN, "test_32x32.mat"),
+        (STL10, "stl10_binary"),
+        (FashionMNIST, "-ubyte"),
+    ],
+)
 def test_every_torchvision_set_names_its_missing_files(tmp_path: Path, datamodule_class, expected: str):
     with pytest.raises(DataNotFoundError, match=expected) as error:
         datamodule_class(root=str(tmp_path)).setup("test")
@@ -210,7 +225,9 @@ def test_a_decoded_tree_is_cached_until_the_tree_changes(tmp_path: Path, monkeyp
 
 def test_image_folder_stream_resizes_any_tree_to_unit_float_batches(tmp_path: Path):
     _write_tree(tmp_path, {"cat": (40, 60), "dog": (50, 30)})
-    datamodule = ImageFolderStream(root=str(tmp_path), image_size=24, resize_size=28, batch_size=4, eval_batch_size=6, num_workers=0)
+    datamodule = ImageFolderStream(
+        root=str(tmp_path), image_size=24, resize_size=28, batch_size=4, eval_batch_size=6, num_workers=0
+    )
     assert datamodule.class_names == ("cat", "dog") and datamodule.num_classes == 2
     datamodule.setup("fit")
     for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):

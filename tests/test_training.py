@@ -42,11 +42,16 @@ class _Recorder(pl.Callback):
     """Records where training starts and stops training after `stop_after` epochs."""
 
     def __init__(self, stop_after: int | None = None) -> None:
-        self.stop_after, self.start = stop_after, None
+        self.stop_after = stop_after
+        self.start = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         momentum = trainer.optimizers[0].state_dict()["state"]
-        self.start = (trainer.current_epoch, trainer.global_step, {k: v["momentum_buffer"].clone() for k, v in momentum.items()})
+        self.start = (
+            trainer.current_epoch,
+            trainer.global_step,
+            {k: v["momentum_buffer"].clone() for k, v in momentum.items()},
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stop_after is not None and trainer.current_epoch + 1 == self.stop_after:
@@ -90,9 +95,17 @@ def test_a_fresh_fit_never_overwrites_an_existing_run(trained_run: Path):
 
 
 def test_test_subcommand_evaluates_the_last_checkpoint(trained_run: Path):
-    cli = RestorationCLI(args=[
-        "test", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(trained_run, "victim"), "--ckpt_path", "last",
-    ])
+    cli = RestorationCLI(
+        args=[
+            "test",
+            "--config",
+            QUICKSTART_CONFIG,
+            *SMALL_RUN,
+            *run_dirs(trained_run, "victim"),
+            "--ckpt_path",
+            "last",
+        ]
+    )
     assert cli.trainer.callback_metrics["test/acc"] > 0.2  # chance is 0.1
 
 
@@ -111,9 +124,20 @@ def test_checkpoint_export_command_and_its_overwrite_guard(trained_run: Path, tm
 
 def test_ddp_with_two_cpu_processes_trains(tmp_path: Path):
     result = run_script(
-        "train.py", "fit", "--config", QUICKSTART_CONFIG, *SMALL_RUN, *run_dirs(tmp_path, "ddp"),
-        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-        "--trainer.max_epochs", "3",
+        "train.py",
+        "fit",
+        "--config",
+        QUICKSTART_CONFIG,
+        *SMALL_RUN,
+        *run_dirs(tmp_path, "ddp"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "3",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = export_of(tmp_path, "ddp")["meta"]
@@ -132,12 +156,31 @@ def test_every_config_parses(config: str, capsys: pytest.CaptureFixture):
 
 
 def test_the_cifar10_gpu_config_runs_on_cpu_at_tiny_scale(cifar_tree: Path, tmp_path: Path):
-    cli = RestorationCLI(args=[
-        "fit", "--config", str(REPO_ROOT / "configs" / "victim_cifar10.yaml"), *run_dirs(tmp_path, "cifar"), *QUIET,
-        "--data.init_args.root", str(cifar_tree), "--model.init_args.arch_kwargs", "{width: 8}",
-        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--data.init_args.on_device", "false",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--data.init_args.val_images", "200",
-    ])
+    cli = RestorationCLI(
+        args=[
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs" / "victim_cifar10.yaml"),
+            *run_dirs(tmp_path, "cifar"),
+            *QUIET,
+            "--data.init_args.root",
+            str(cifar_tree),
+            "--model.init_args.arch_kwargs",
+            "{width: 8}",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--data.init_args.on_device",
+            "false",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+            "--data.init_args.val_images",
+            "200",
+        ]
+    )
     stem = cli.model.classifier.net.stem.weight
     assert stem.is_contiguous(memory_format=torch.channels_last)  # the ChannelsLast callback ran
     assert cli.trainer.global_step == 3 and (tmp_path / "exports" / "cifar.pt").is_file()
