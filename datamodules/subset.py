@@ -28,3 +28,16 @@ def balanced_indices(labels: Tensor, n: int, seed: int) -> Tensor:
             members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)[:count]]
         )
     return torch.cat(chosen).sort().values
+
+
+def classes_in_turn(labels: Tensor, count: int) -> Tensor:
+    """Positions of `count` entries of `labels` ((n,) int64), taking the classes in turn: the first of
+    each class, then the second of each, and so on. Any prefix of the result is as class-balanced as
+    the labels allow, where `[:count]` of a class-sorted list is one or two classes.
+    Returns (min(count, n),) int64 positions, on labels' device."""
+    rank = torch.zeros_like(labels)
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        rank[members] = torch.arange(len(members), device=labels.device)
+    classes = int(labels.max().item()) + 1 if len(labels) else 1
+    return torch.argsort(rank * classes + labels, stable=True)[:count]

@@ -267,12 +267,12 @@ def pick_example_row(rows: list[Row]) -> Row | None:
 
 
 def example_png(evaluator: Evaluator, row: Row, defenses: list[Defense]) -> bytes:
-    """clean / adversarial / restored / amplified difference of the row's first images."""
+    """clean / adversarial / restored / amplified difference of the row's example images."""
     by_label = {describe(defense.spec()): defense for defense in defenses}
     adversarial = row.examples.to(evaluator.images.device)
     with torch.no_grad():
         restored = by_label[row.defense](adversarial) if row.defense in by_label else adversarial
-    clean = evaluator.images[: len(adversarial)]
+    clean = evaluator.images[evaluator.example_positions]
     return example_grid(clean.cpu(), adversarial.cpu(), restored.cpu(), row.eps)
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attacks.gradient import input_gradient
 from attacks.registry import AttackSettings, parse_attack
+from datamodules.subset import classes_in_turn
 from defenses.base import Defense, describe
 from defenses.transforms import Identity
 from engine.seeding import seeded_generator
@@ -116,6 +117,8 @@ class Evaluator:
         self.eval_draws = eval_draws
         self.eot = eot
         self.progress = progress
+        # The example grid's images: all classes, not the first (class-sorted) ones.
+        self.example_positions = classes_in_turn(labels, EXAMPLES)
         self._shared: tuple[tuple, list[Tensor], float] | None = None
 
     @property
@@ -194,7 +197,7 @@ class Evaluator:
             img_per_s=round(per_draw.shape[1] / seconds, 1),
             seed=self.seed,
             correct=per_draw.mean(0).cpu(),
-            examples=adversarials[0][:EXAMPLES].cpu(),
+            examples=torch.cat(adversarials)[self.example_positions].cpu(),
         )
 
     def clean(self, defense: Defense | None) -> Row:
@@ -235,10 +238,12 @@ class Evaluator:
         return self._row(scorer, scored_defense, threat.name, attack, settings, eps_label, adversarials, seconds)
 
     def zero_gradient_share(self, defense: Defense, threat: ThreatModel, limit: int = 64) -> float:
-        """Share of images (of the first `limit`) whose input gradient through the attacker's model is exactly 0."""
+        """Share of images (`limit` of them, the classes in turn) whose input gradient through the
+        attacker's model is exactly 0."""
         model = attacked_model(threat, self.classifier, defense, self.source)
         defense.reseed(self.seed, _key("gradient-check"))
-        gradient = input_gradient(model, self.images[:limit], self.labels[:limit])
+        positions = classes_in_turn(self.labels, limit)
+        gradient = input_gradient(model, self.images[positions], self.labels[positions])
         return (gradient.flatten(1).abs().amax(1) == 0).float().mean().item()
 
 
@@ -276,14 +281,16 @@ def run_rows(
 
 
 def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str, count: int) -> list[Row]:
-    """PGD-20 at a large budget on the first `count` images: undefended, and through each defense adaptively."""
+    """PGD-20 at a large budget on `count` images, the classes in turn: undefended, and through each
+    defense adaptively."""
     if count == 0:
         return []
     eps, label = parse_eps(SANITY_EPS[norm])
+    positions = classes_in_turn(evaluator.labels, count)
     small = Evaluator(
         evaluator.classifier,
-        evaluator.images[:count],
-        evaluator.labels[:count],
+        evaluator.images[positions],
+        evaluator.labels[positions],
         seed=evaluator.seed,
         batch_size=evaluator.batch_size,
         eval_draws=evaluator.eval_draws,

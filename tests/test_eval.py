@@ -11,12 +11,13 @@ import torch
 from attacks import RECIPES, AttackSettings, parse_attack, seeded_generator
 from classifiers import load_classifier
 from datamodules import render_shapes
-from datamodules.subset import balanced_indices
+from datamodules.subset import balanced_indices, classes_in_turn
 from defenses import make_defense
 from engine.export import NotAnExportError
 from evaluation import cli as evaluator_cli
+from evaluation import runner
 from evaluation.report import sanity_warnings, worst_case
-from evaluation.runner import Evaluator, Row
+from evaluation.runner import EXAMPLES, Evaluator, Row, sanity_rows
 from evaluation.subset import index_hash, index_record, read_index_record
 from evaluation.threats import THREATS
 
@@ -360,3 +361,30 @@ def test_autoattack_runs_its_rand_version_with_eot_against_a_randomized_defense(
     )
     assert row.eot == 2 and row.draws == 2  # APGD-CE + APGD-DLR with EOT, scored over two draws
     assert row.accuracy < 0.2
+
+
+def test_classes_in_turn_spreads_every_prefix_over_the_classes():
+    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 4)  # sorted by class, as a subset's index list is
+    order = classes_in_turn(labels, len(labels))
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 2, 0, 2, 0]
+    assert labels[classes_in_turn(labels, 3)].tolist() == [0, 1, 2]
+
+
+def test_sanity_attacks_gradient_checks_and_examples_see_every_class(shapes_victim: Path, monkeypatch):
+    """On a class-sorted subset, `[:count]` was one or two classes (issue 15)."""
+    images, labels = render_shapes(100, seed=2)
+    order = labels.argsort(stable=True)
+    x, y = images[order].float() / 255, labels[order]
+    evaluator = Evaluator(load_classifier(shapes_victim), x, y, seed=0, batch_size=50, eval_draws=1, eot=1)
+    assert len(set(y[evaluator.example_positions].tolist())) == EXAMPLES
+    row = evaluator.clean(make_defense("bit_depth:bits=4"))
+    assert torch.equal(row.examples, x[evaluator.example_positions])
+    attacked = []
+    monkeypatch.setattr(runner.Evaluator, "attack", lambda self, *args: attacked.append(self.labels.clone()))
+    sanity_rows(evaluator, [], "linf", 10)
+    assert sorted(attacked[0].tolist()) == list(range(10))
+    seen = []
+    monkeypatch.setattr(runner, "input_gradient", lambda model, images, labels: seen.append(labels) or images * 0)
+    evaluator.zero_gradient_share(make_defense("identity"), THREATS["white-box"], limit=20)
+    assert sorted(seen[0].tolist()) == sorted(list(range(10)) * 2)
