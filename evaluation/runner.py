@@ -50,6 +50,7 @@ class Row:
     img_per_s: float
     seed: int
     correct: Tensor = dataclasses.field(repr=False)  # (n,) per-image share of correct draws
+    correct_every_draw: Tensor = dataclasses.field(repr=False)  # (n,) 1 where every draw was correct
     examples: Tensor = dataclasses.field(repr=False)  # (<=EXAMPLES,C,H,W) adversarial images
 
     def record(self) -> dict:
@@ -57,7 +58,7 @@ class Row:
         return {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if field.name not in ("correct", "examples")
+            if field.name not in ("correct", "correct_every_draw", "examples")
         }
 
 
@@ -197,6 +198,7 @@ class Evaluator:
             img_per_s=round(per_draw.shape[1] / seconds, 1),
             seed=self.seed,
             correct=per_draw.mean(0).cpu(),
+            correct_every_draw=per_draw.amin(0).cpu(),
             examples=torch.cat(adversarials)[self.example_positions].cpu(),
         )
 

@@ -124,7 +124,10 @@ def test_worst_case_is_pointwise_over_attacks(baseline_run):
     by_key = {(r["defense"], r["threat"], r["attack"], r["eps_label"]): r["accuracy"] for r in results["rows"]}
     for case in results["worst_case"]:
         members = [by_key[(case["name"], case["threat"], attack, case["eps"])] for attack in case["attacks"]]
-        assert float(case["robust_acc"]) <= 100 * min(members) + 0.005  # two decimals in RobustBench files
+        clean = by_key[(case["name"], "clean" if case["name"] != "none" else "none", "clean", "0")]
+        # two decimals in RobustBench files
+        assert float(case["robust_acc"]) <= float(case["robust_acc_mean_draws"]) + 0.005
+        assert float(case["robust_acc_mean_draws"]) <= 100 * min([*members, clean]) + 0.005
 
 
 def test_same_seed_same_numbers(shapes_victim: Path, tmp_path: Path):
@@ -218,6 +221,7 @@ def _row(threat: str, attack: str, eps: float, accuracy: float, defense: str = "
         img_per_s=100.0,
         seed=0,
         correct=correct,
+        correct_every_draw=correct,
         examples=torch.zeros(0),
     )
 
@@ -235,12 +239,33 @@ def test_sanity_checks_flag_gradient_masking():
     assert len(stuck) == 2
 
 
+def _drawn_row(threat: str, attack: str, per_draw: list[list[int]], defense: str = "d") -> Row:
+    """A row of a randomized defense from its (draws, n) correctness."""
+    draws = torch.tensor(per_draw, dtype=torch.float32)
+    row = _row(threat, attack, 0 if attack == "clean" else 8, draws.mean().item(), defense)
+    row.n, row.draws = draws.shape[1], draws.shape[0]
+    row.correct, row.correct_every_draw = draws.mean(0), draws.amin(0)
+    return row
+
+
 def test_worst_case_counts_an_image_robust_only_against_every_attack():
     a, b = _row("bpda", "pgd10", 8, 0.5), _row("bpda", "apgd-ce", 8, 0.5)
     b.correct = 1 - a.correct  # each attack breaks the images the other leaves
+    b.correct_every_draw = b.correct
     clean = _row("clean", "clean", 0, 0.9)
     [case] = worst_case([clean, a, b], "shapes", "victim")
     assert case["robust_acc"] == "0.00" and case["clean_acc"] == "90.00" and case["threat"] == "bpda"
+
+
+def test_strict_worst_case_needs_every_draw_of_clean_and_of_every_attack():
+    """4 images, 2 scoring draws. Image 0 survives everything; image 1 falls in one draw of the
+    attack; image 2 in one clean draw only; image 3 in one draw of each."""
+    clean = _drawn_row("clean", "clean", [[1, 1, 0, 1], [1, 1, 1, 0]])
+    attack = _drawn_row("white-box", "pgd10", [[1, 0, 1, 0], [1, 1, 1, 1]])
+    [case] = worst_case([clean, attack], "shapes", "victim")
+    assert case["robust_acc"] == "25.00"  # image 0 alone
+    assert case["robust_acc_mean_draws"] == "62.50"  # (1 + 0.5 + 0.5 + 0.5) / 4
+    assert case["draws"] == 2 and case["clean_acc"] == "75.00"
 
 
 # One case per RECIPES family at least (test_every_attack_family_has_a_case): a new attack lands with one.
