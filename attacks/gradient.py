@@ -112,7 +112,9 @@ class GradientAttack:
         if self.norm == "linf":
             return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * self.eps
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+        # Uniform in the d-dimensional ball: the radius is U^(1/d), not U (which crowds the centre).
+        uniform = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        radius = uniform.pow(1 / x[0].numel()).view(-1, *([1] * (x.ndim - 1)))
         return direction / _per_image_norm(direction) * radius * self.eps
 
     def _project(self, x: Tensor, x_adv: Tensor) -> Tensor:
