@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from attacks import RECIPES, AttackSettings, parse_attack, seeded_generator
 from classifiers import load_classifier
 from datamodules import render_shapes
 from datamodules.subset import balanced_indices, classes_in_turn
-from defenses import make_defense
+from defenses import Defense, make_defense
 from engine.export import NotAnExportError
 from evaluation import cli as evaluator_cli
 from evaluation import runner
@@ -413,3 +414,44 @@ def test_sanity_attacks_gradient_checks_and_examples_see_every_class(shapes_vict
     monkeypatch.setattr(runner, "input_gradient", lambda model, images, labels: seen.append(labels) or images * 0)
     evaluator.zero_gradient_share(make_defense("identity"), THREATS["white-box"], limit=20)
     assert sorted(seen[0].tolist()) == sorted(list(range(10)) * 2)
+
+
+class RecordedNoise(Defense):
+    """A randomized defense that adds small noise and records each draw, with who drew it."""
+
+    randomized = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "attack"
+        self.draws: dict[str, list[Tensor]] = {"attack": [], "score": []}
+
+    def spec(self) -> dict:
+        return {"name": "recorded_noise"}
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=self.generator(x.device), device=x.device) * 0.01
+        self.draws[self.phase].append(noise)
+        return (x + noise).clamp(0, 1)
+
+
+def test_scoring_draws_are_fresh(shapes_victim: Path, monkeypatch):
+    """A randomized defense is scored on draws the attacker never saw, and each scoring draw is new."""
+    images, labels = render_shapes(20, seed=4)
+    evaluator = Evaluator(
+        load_classifier(shapes_victim), images.float() / 255, labels, seed=0, batch_size=10, eval_draws=3, eot=2
+    )
+    defense = RecordedNoise()
+    score = Evaluator._score
+
+    def scoring(self, *args):
+        defense.phase = "score"
+        return score(self, *args)
+
+    monkeypatch.setattr(runner.Evaluator, "_score", scoring)
+    evaluator.attack(defense, THREATS["white-box"], "pgd2", "linf", 4 / 255, "4/255")
+    seen = {tuple(noise.flatten()[:16].tolist()) for noise in defense.draws["attack"]}
+    scored = [tuple(noise.flatten()[:16].tolist()) for noise in defense.draws["score"]]
+    assert len(scored) == 2 * 3 and defense.draws["attack"]  # 2 batches x 3 scoring draws
+    assert not seen & set(scored), "a scoring draw repeats a draw the attack used"
+    assert len(set(scored)) == len(scored), "scoring draws repeat each other"
