@@ -133,7 +133,12 @@ def fgsm(eps: float) -> GradientAttack:
 
 
 def bim(eps: float, steps: int = 10, step_size: float | None = None) -> GradientAttack:
-    """Iterative FGSM from the clean image (Kurakin et al. 2017)."""
+    """Iterative FGSM from the clean image (Kurakin et al. 2017).
+
+    The step defaults to eps/steps, not Kurakin's 1/255: BIM-N then reaches the budget in N steps
+    whatever eps is, which the few-step attacks of training rely on (configs/trn_cifar10.yaml's
+    BIM-5 at up to 8/255 would move 5/255 at most with 1/255). At equal steps it is the weaker
+    choice when steps/255 > eps: pass step_size=1/255 for Kurakin's, and use PGD for strength."""
     return GradientAttack("linf", eps, steps, step_size if step_size is not None else eps / steps, random_start=False)
 
 
