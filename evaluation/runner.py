@@ -119,7 +119,7 @@ class Evaluator:
         self.eot = eot
         self.progress = progress
         # The example grid's images: all classes, not the first (class-sorted) ones.
-        self.example_positions = classes_in_turn(labels, EXAMPLES)
+        self.example_positions: list[int] = classes_in_turn(labels, EXAMPLES).tolist()
         self._shared: tuple[tuple, list[Tensor], float] | None = None
 
     @property
@@ -199,8 +199,13 @@ class Evaluator:
             seed=self.seed,
             correct=per_draw.mean(0).cpu(),
             correct_every_draw=per_draw.amin(0).cpu(),
-            examples=torch.cat(adversarials)[self.example_positions].cpu(),
+            examples=self._examples(adversarials),
         )
+
+    def _examples(self, adversarials: list[Tensor]) -> Tensor:
+        """The example images (<=EXAMPLES,C,H,W) on the CPU, picked from their batches (no copy of the rest)."""
+        size = self.batch_size
+        return torch.stack([adversarials[at // size][at % size] for at in self.example_positions]).cpu()
 
     def clean(self, defense: Defense | None) -> Row:
         """Accuracy on unperturbed images: the classifier alone (defense None) or behind the defense."""
