@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.subset import balanced_indices
+from datamodules.subset import hold_out
 from engine.seeding import seeded_generator
 
 Split = Literal["train", "test"]
@@ -126,7 +126,12 @@ def to_unit_float(images: Tensor) -> Tensor:
 
 class TensorImageDataModule(pl.LightningDataModule):
     """Base of the in-memory data sets. Subclasses set `class_names`, `channels`, `image_size`
-    and implement `load_split`. Validation uses the test split (or its `val_images` subset); test the whole of it.
+    and implement `load_split`.
+
+    Three splits: `train` and `val` are carved from the data set's training split (`val` is a
+    seeded, class-balanced subset of `val_images` images, removed from `train`), `test` is the data
+    set's test split. Everything that selects (the best checkpoint, early stopping, defense settings)
+    sees `val`; `test` is read only by `train.py test` and eval.py (`setup("fit")` does not load it).
 
     Args:
         batch_size: training batch size per process.
@@ -136,8 +141,13 @@ class TensorImageDataModule(pl.LightningDataModule):
         crop_padding: zero padding of the random crop in pixels (0 disables the crop).
         flip: random horizontal flips in training.
         seed: seed of the shuffle order and the augmentation (linked to `seed_everything`).
-        val_images: validate on a fixed class-balanced subset of the test split of this size (the
-            evaluator's subset for seed 0) instead of the whole split; testing uses the whole split.
+        val_images: size of the validation split held out of the training split (0: train on all of
+            it and validate on nothing; a ModelCheckpoint or EarlyStopping that monitors a `val/`
+            metric then has nothing to monitor). Same `val_seed`, smaller size: a subset of the larger
+            one when the sizes are multiples of the class count, so a restorer validating on 1,000
+            images validates on images its victim (5,000 held out) never trained on.
+        val_seed: seed of the validation draw; not linked to `seed_everything`, so runs with
+            different training seeds hold out the same images.
     """
 
     class_names: tuple[str, ...] = ()
@@ -153,11 +163,12 @@ class TensorImageDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         flip: bool = True,
         seed: int = 0,
-        val_images: int | None = None,
+        val_images: int = 5000,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0:
-            raise ValueError("batch sizes must be >= 1 and crop_padding >= 0")
+        if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0 or val_images < 0:
+            raise ValueError("batch sizes must be >= 1, crop_padding and val_images >= 0")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -166,6 +177,8 @@ class TensorImageDataModule(pl.LightningDataModule):
         self.flip = flip
         self.seed = seed
         self.val_images = val_images
+        self.val_seed = val_seed
+        self.val_indices: Tensor | None = None  # (val_images,) int64: where `val` lies in the training split
         self.splits: dict[str, ImageSplit] = {}
         self._resident: dict[tuple[str, torch.device], ImageSplit] = {}
         self._augmentation: tuple[int, torch.device, Tensor, Tensor] | None = None
@@ -178,14 +191,19 @@ class TensorImageDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = ("train", "test") if stage in (None, "fit") else ("test",)
-        for split in wanted:
-            if split not in self.splits:
-                self.splits[split] = self.load_split(split)
-        if self.val_images is not None and "val" not in self.splits:
-            test = self.splits["test"]
-            chosen = balanced_indices(test.labels, self.val_images, seed=0)
-            self.splits["val"] = ImageSplit(test.images[chosen], test.labels[chosen])
+        if stage in (None, "fit", "validate") and "train" not in self.splits:
+            self._carve_validation(self.load_split("train"))
+        if stage in (None, "test", "predict") and "test" not in self.splits:
+            self.splits["test"] = self.load_split("test")
+
+    def _carve_validation(self, full: ImageSplit) -> None:
+        """Split the data set's training split into `train` and a class-balanced `val`."""
+        kept, self.val_indices = hold_out(
+            full.labels, self.val_images, self.val_seed, f"{type(self).__name__}'s training split"
+        )
+        self.splits["train"] = ImageSplit(full.images[kept], full.labels[kept])
+        if self.val_images:
+            self.splits["val"] = ImageSplit(full.images[self.val_indices], full.labels[self.val_indices])
 
     def _loader(self, split: str, batch_size: int, sampler: DistributedSampler | None) -> DataLoader:
         dataset = _SplitDataset(split, self.splits[split], indices_only=self.on_device)
@@ -203,8 +221,10 @@ class TensorImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train_sampler(self, len(self.splits["train"].labels), self.seed))
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("test" if self.val_images is None else "val", self.eval_batch_size, None)
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_images == 0:
+            return []  # Lightning then skips validation
+        return self._loader("val", self.eval_batch_size, None)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, None)

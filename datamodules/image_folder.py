@@ -12,11 +12,12 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule, to_unit_float, train_sampler
 from datamodules.registry import register_data_set
+from datamodules.subset import hold_out
 from engine.export import atomic_save
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -130,7 +131,10 @@ class ImageFolderStream(pl.LightningDataModule):
     Batches reach the model as (x: (N,3,S,S) float in [0,1], y: (N,) int64).
 
     The shuffle order is f(seed, epoch) as for the in-memory sets; the crops are drawn in the
-    workers, so a resumed run's augmentation differs from an uninterrupted one.
+    workers, so a resumed run's augmentation differs from an uninterrupted one. As for the
+    in-memory sets, validation is a class-balanced subset of `val_images` training images (drawn
+    from `val_seed`, evaluated with the test transform, removed from training); the tree's
+    test/ or val/ folder is the test split, read only by `train.py test` and eval.py.
     """
 
     channels = 3
@@ -144,6 +148,8 @@ class ImageFolderStream(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 8,
         seed: int = 0,
+        val_images: int = 10000,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -154,7 +160,9 @@ class ImageFolderStream(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.datasets: dict[str, datasets.ImageFolder] = {}
+        self.val_images = val_images
+        self.val_seed = val_seed
+        self.datasets: dict[str, Dataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -175,9 +183,19 @@ class ImageFolderStream(pl.LightningDataModule):
                 transforms.PILToTensor(),
             ]
         )
-        if stage in (None, "fit"):
-            self.datasets["train"] = datasets.ImageFolder(str(self.root / "train"), transform=train)
-        self.datasets["test"] = datasets.ImageFolder(str(_eval_dir(self.root)), transform=evaluate)
+        if stage in (None, "fit", "validate"):
+            self._carve_validation(train, evaluate)
+        if stage in (None, "test", "predict"):
+            self.datasets["test"] = datasets.ImageFolder(str(_eval_dir(self.root)), transform=evaluate)
+
+    def _carve_validation(self, train: transforms.Compose, evaluate: transforms.Compose) -> None:
+        training = datasets.ImageFolder(str(self.root / "train"), transform=train)
+        labels = torch.tensor(training.targets, dtype=torch.int64, device="cpu")
+        kept, held_out = hold_out(labels, self.val_images, self.val_seed, f"'{self.root}/train'")
+        self.datasets["train"] = Subset(training, kept.tolist())
+        if self.val_images:
+            validation = datasets.ImageFolder(str(self.root / "train"), transform=evaluate)
+            self.datasets["val"] = Subset(validation, held_out.tolist())
 
     def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
@@ -192,11 +210,11 @@ class ImageFolderStream(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train_sampler(self, len(self.datasets["train"]), self.seed))
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", self.eval_batch_size) if self.val_images else []
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader("test", self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = batch

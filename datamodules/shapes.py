@@ -146,14 +146,21 @@ class Shapes(TensorImageDataModule):
 
     The training and test splits are drawn from different seeds derived from `shapes_seed`;
     the data are the same whatever the training seed, so runs with different seeds compare.
+    `val_images` of the `num_train` training images are held out for validation (see the base class).
     """
 
     class_names = SHAPE_CLASSES
 
     def __init__(
-        self, num_train: int = 20000, num_test: int = 2000, image_size: int = 32, shapes_seed: int = 0, **kwargs: Any
+        self,
+        num_train: int = 20000,
+        num_test: int = 2000,
+        image_size: int = 32,
+        shapes_seed: int = 0,
+        val_images: int = 2000,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(val_images=val_images, **kwargs)
         self.num_train = num_train
         self.num_test = num_test
         self.image_size = image_size

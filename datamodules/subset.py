@@ -1,6 +1,6 @@
-"""Class-balanced index subsets of a split: the validation subset of the data modules and the
-evaluation subset of eval.py are drawn the same way (image-folder splits are sorted by class, so
-"the first n images" of CIFAR-10 are all airplanes)."""
+"""Class-balanced index subsets of a split: the validation split the data modules hold out of
+the training split and the evaluation subset of eval.py are drawn the same way (image-folder
+splits are sorted by class, so "the first n images" of CIFAR-10 are all airplanes)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,24 @@ def balanced_indices(labels: Tensor, n: int, seed: int) -> Tensor:
             members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)[:count]]
         )
     return torch.cat(chosen).sort().values
+
+
+def hold_out(labels: Tensor, n: int, seed: int, source: str) -> tuple[Tensor, Tensor]:
+    """(kept, held_out): sorted int64 indices into `labels` ((N,) int64) that partition it, held_out
+    being `balanced_indices(labels, n, seed)` (n = 0 holds out nothing). `source` names the split
+    in the error when n cannot be held out."""
+    if n == 0:
+        return torch.arange(len(labels), device="cpu"), torch.zeros(0, dtype=torch.int64, device="cpu")
+    try:
+        held_out = balanced_indices(labels, n, seed)
+    except ValueError as error:
+        raise ValueError(
+            f"val_images={n} cannot be held out of {source} ({error}). Set `data.init_args.val_images` "
+            "lower, or 0 to train on the whole split without validation."
+        ) from error
+    kept = torch.ones(len(labels), dtype=torch.bool, device="cpu")
+    kept[held_out] = False
+    return kept.nonzero().flatten(), held_out
 
 
 def classes_in_turn(labels: Tensor, count: int) -> Tensor:

@@ -149,13 +149,21 @@ class FashionMNIST(TensorImageDataModule):
 @register_data_set("stl10")
 class STL10(TensorImageDataModule):
     """STL-10, 96x96 RGB, 10 classes: the 5,000 labelled training and 8,000 test images
-    (torchvision's stl10_binary/ under root; the unlabelled split is not used)."""
+    (torchvision's stl10_binary/ under root; the unlabelled split is not used). 500 of the
+    labelled training images are held out for validation by default (5,000 would be all of them)."""
 
     class_names = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
     image_size = 96
 
-    def __init__(self, root: str = "data/stl10", download: bool = False, crop_padding: int = 12, **kwargs: Any) -> None:
-        super().__init__(crop_padding=crop_padding, **kwargs)
+    def __init__(
+        self,
+        root: str = "data/stl10",
+        download: bool = False,
+        crop_padding: int = 12,
+        val_images: int = 500,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(crop_padding=crop_padding, val_images=val_images, **kwargs)
         self.root = Path(root)
         self.download = download
 

@@ -10,7 +10,7 @@ HGD's (Liao et al. 2018) L1 between the classifier's logits on the restored and 
 (`logits_l1`). The classifier is a FrozenClassifier: requires_grad False, always in eval mode,
 not in the optimizer; its weights come from the victim file whose path and hash the export keeps.
 
-Validation each epoch (on the data module's class-balanced `val_images` subset), and `train.py
+Validation each epoch (on the `val_images` held out of the training split), and `train.py
 test` on the whole test split: PSNR/SSIM of the restorer's input
 (brought to the target size) and of its output against the clean image, the defended clean
 accuracy, and the defended gray-box PGD accuracy (attack the classifier alone, defend, classify);

@@ -57,8 +57,10 @@ def test_colour_statistics_do_not_give_the_class_away():
 
 
 def test_batches_are_unit_floats_and_resident_mode_gives_the_same_batches():
-    host = Shapes(num_train=300, num_test=100, batch_size=64, eval_batch_size=50, seed=5)
-    resident = Shapes(num_train=300, num_test=100, batch_size=64, eval_batch_size=50, seed=5, on_device=True)
+    host = Shapes(num_train=300, num_test=100, val_images=100, batch_size=64, eval_batch_size=50, seed=5)
+    resident = Shapes(
+        num_train=300, num_test=100, val_images=100, batch_size=64, eval_batch_size=50, seed=5, on_device=True
+    )
     for datamodule in (host, resident):
         datamodule.setup("fit")
     for make_loader in ("train_dataloader", "val_dataloader"):
@@ -68,6 +70,37 @@ def test_batches_are_unit_floats_and_resident_mode_gives_the_same_batches():
             assert x.dtype == torch.float32 and y.dtype == torch.int64
             assert x.shape[1:] == (3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
             assert torch.equal(x, x_resident) and torch.equal(y, y_resident)
+
+
+def test_validation_is_held_out_of_the_training_split():
+    """Seeded and class-balanced, removed from training, the same whatever the training seed, nested
+    across sizes; fitting never reads the test split (it is for `train.py test` and eval.py only)."""
+
+    def fitted(**settings) -> Shapes:
+        datamodule = Shapes(num_train=400, num_test=50, **settings)
+        datamodule.setup("fit")
+        return datamodule
+
+    datamodule = fitted(val_images=100)
+    assert set(datamodule.splits) == {"train", "val"}
+    train, val = datamodule.splits["train"], datamodule.splits["val"]
+    assert len(train.labels) == 300 and val.labels.bincount().tolist() == [10] * 10
+    # What was held out is exactly what training lost (no image in both, none dropped).
+    full_images, _ = render_shapes(400, seed=0)
+    assert torch.equal(val.images, full_images[datamodule.val_indices])
+    kept = torch.ones(400, dtype=torch.bool)
+    kept[datamodule.val_indices] = False
+    assert torch.equal(train.images, full_images[kept])
+    assert torch.equal(fitted(val_images=100, seed=7).val_indices, datamodule.val_indices)
+    assert not torch.equal(fitted(val_images=100, val_seed=1).val_indices, datamodule.val_indices)
+    assert set(fitted(val_images=50).val_indices.tolist()) < set(datamodule.val_indices.tolist())
+    everything = fitted(val_images=0)
+    assert len(everything.splits["train"].labels) == 400 and everything.val_dataloader() == []
+
+
+def test_a_validation_split_too_large_names_the_setting_and_the_fix():
+    with pytest.raises(ValueError, match=r"val_images=500 .*Shapes.*data\.init_args\.val_images"):
+        Shapes(num_train=400, num_test=50, val_images=500).setup("fit")
 
 
 def test_crop_and_flip_matches_a_per_image_reference():
@@ -85,7 +118,7 @@ def test_crop_and_flip_matches_a_per_image_reference():
 
 def test_augmentation_is_a_function_of_seed_and_epoch():
     def first_batch(seed: int, epoch: int) -> torch.Tensor:
-        datamodule = Shapes(num_train=200, num_test=20, batch_size=200, seed=seed)
+        datamodule = Shapes(num_train=220, num_test=20, val_images=20, batch_size=200, seed=seed)
         datamodule.setup("fit")
         datamodule._epoch = lambda: epoch  # what the trainer's current_epoch would say
         loader = datamodule.train_dataloader()
@@ -98,7 +131,7 @@ def test_augmentation_is_a_function_of_seed_and_epoch():
 
 
 def test_training_order_is_sharded_across_ranks():
-    datamodule = Shapes(num_train=100, num_test=20, batch_size=10)
+    datamodule = Shapes(num_train=100, num_test=20, val_images=0, batch_size=10)
     datamodule.setup("fit")
 
     class FakeTrainer:
@@ -138,19 +171,15 @@ def test_fashion_mnist_keeps_one_channel_or_repeats_it(fashion_root: Path, as_rg
 
 def test_cifar10_from_the_real_jpeg_tree(cifar_tree: Path):
     datamodule = CIFAR10(root=str(cifar_tree), eval_batch_size=1000)
-    datamodule.setup("fit")
-    train, test = datamodule.splits["train"], datamodule.splits["test"]
-    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
-    assert train.labels.bincount().tolist() == [5000] * 10 and test.labels.bincount().tolist() == [1000] * 10
+    datamodule.setup(None)
+    train, val, test = (datamodule.splits[split] for split in ("train", "val", "test"))
+    # The default validation: 5,000 training images, 500 per class, held out of the 50,000.
+    assert train.images.shape == (45000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.labels.bincount().tolist() == [4500] * 10 and val.labels.bincount().tolist() == [500] * 10
+    assert test.labels.bincount().tolist() == [1000] * 10
     x, _ = batches(datamodule, datamodule.val_dataloader(), 1)[0]
     assert x.shape == (1000, 3, 32, 32) and 0.2 < x.mean() < 0.8
-    # The tree is sorted by class: validation on a subset takes it class-balanced, testing takes all.
-    subset = CIFAR10(root=str(cifar_tree), eval_batch_size=1000, val_images=200)
-    subset.splits = {"train": train, "test": test}
-    subset.setup("fit")
-    [(_, val_labels)] = batches(subset, subset.val_dataloader(), 1)
-    assert val_labels.bincount().tolist() == [20] * 10
-    assert sum(len(y) for _, y in batches(subset, subset.test_dataloader(), 20)) == 10000
+    assert sum(len(y) for _, y in batches(datamodule, datamodule.test_dataloader(), 20)) == 10000
     # The generic in-memory ImageFolder reads the same tree to the same tensors.
     generic = ImageFolderTensors(root=str(cifar_tree))
     assert generic.class_names == CIFAR10.class_names
@@ -226,14 +255,22 @@ def test_a_decoded_tree_is_cached_until_the_tree_changes(tmp_path: Path, monkeyp
 def test_image_folder_stream_resizes_any_tree_to_unit_float_batches(tmp_path: Path):
     _write_tree(tmp_path, {"cat": (40, 60), "dog": (50, 30)})
     datamodule = ImageFolderStream(
-        root=str(tmp_path), image_size=24, resize_size=28, batch_size=4, eval_batch_size=6, num_workers=0
+        root=str(tmp_path), image_size=24, resize_size=28, batch_size=4, eval_batch_size=6, num_workers=0, val_images=2
     )
     assert datamodule.class_names == ("cat", "dog") and datamodule.num_classes == 2
     datamodule.setup("fit")
-    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
-        x, y = datamodule.on_after_batch_transfer(next(iter(loader)), 0)
+    assert "test" not in datamodule.datasets  # fitting never reads the test split
+    datamodule.setup("test")
+    sizes = {}
+    for split in ("train", "val", "test"):
+        x, y = datamodule.on_after_batch_transfer(next(iter(getattr(datamodule, f"{split}_dataloader")())), 0)
         assert x.dtype == torch.float32 and x.shape[1:] == (3, 24, 24) and 0 <= x.min() and x.max() <= 1
-        assert set(y.tolist()) <= {0, 1}
+        sizes[split] = y.bincount(minlength=2).tolist()
+    # Two of the six training images (one per class) held out; the test split is the tree's val/ folder.
+    assert sizes == {"train": [2, 2], "val": [1, 1], "test": [3, 3]}
+    held_out = {datamodule.datasets["val"].dataset.samples[i][0] for i in datamodule.datasets["val"].indices}
+    trained = {datamodule.datasets["train"].dataset.samples[i][0] for i in datamodule.datasets["train"].indices}
+    assert not held_out & trained and all("/train/" in path for path in held_out)
 
 
 def test_in_memory_image_folder_refuses_mixed_sizes(tmp_path: Path):

@@ -58,11 +58,18 @@ def data_class(path: Path) -> str:
     return config_of(path)["data"]["class_path"]
 
 
-def train_images(data: str) -> int:
-    """Training images the tier writes for `data`: STEPS full batches of its largest config batch."""
-    return STEPS * max(
+def validation_images(device: torch.device) -> int:
+    """The tier's validation split: one batch, held out of the training images it writes."""
+    return 40 if device.type == "cpu" else 200
+
+
+def train_images(data: str, device: torch.device) -> int:
+    """Training images the tier writes for `data`: STEPS full batches of its largest config batch, and
+    the validation split held out of them."""
+    largest_batch = max(
         config_of(path)["data"]["init_args"]["batch_size"] for path in CONFIGS if data_class(path) == data
     )
+    return STEPS * largest_batch + validation_images(device)
 
 
 def is_victim(path: Path) -> bool:
@@ -102,7 +109,7 @@ class Tier:
     def data_args(self, data: str) -> list[str]:
         # One validation batch. Not `--trainer.limit_val_batches 1`: the command line hands Lightning the
         # float 1.0 for it, which means 100% of the batches.
-        one_batch = "40" if self.device.type == "cpu" else "200"
+        one_batch = str(validation_images(self.device))
         args = [
             "--data.init_args.on_device",
             "true",
@@ -112,7 +119,8 @@ class Tier:
             one_batch,
         ]
         if data == "datamodules.Shapes":
-            args += ["--data.init_args.num_train", "1024", "--data.init_args.num_test", "1000"]
+            num_train = 1024 + validation_images(self.device)
+            args += ["--data.init_args.num_train", str(num_train), "--data.init_args.num_test", "1000"]
         else:
             args += ["--data.init_args.root", str(self.data_roots[data])]
         if (
@@ -177,14 +185,14 @@ def tier(cifar_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     device = gpu_tier_device()
     assert device is not None, "conftest skips the gpu tier where it has no device"
     data = tmp_path_factory.mktemp("tier_data")
-    per_class = -(-train_images("datamodules.CIFAR10") // 10)
+    per_class = -(-train_images("datamodules.CIFAR10", device) // 10)
     roots = {"datamodules.CIFAR10": cifar_subset_tree(cifar_tree, data / "cifar10", per_class, 100)}
     for name, class_path in (
         ("svhn", "datamodules.SVHN"),
         ("fashion_mnist", "datamodules.FashionMNIST"),
         ("stl10", "datamodules.STL10"),
     ):
-        write_data_set(name, data / name, train=train_images(class_path), test=1000)
+        write_data_set(name, data / name, train=train_images(class_path, device), test=1000)
         roots[class_path] = data / name
     with accept_written_files():
         yield Tier(tmp_path_factory.mktemp("tier_runs"), device, roots)
