@@ -1,7 +1,7 @@
 """Attacks shared by training and evaluation: our gradient attacks (attacks/gradient.py) and
 every attack the evaluator runs, by name (attacks/registry.py)."""
 
-from attacks.gradient import GradientAttack, bim, fgsm, input_gradient, mi_fgsm, pgd
+from attacks.gradient import GradientAttack, bim, fgsm, input_gradient, margin, mi_fgsm, pgd
 from attacks.registry import RECIPES, AttackRecipe, AttackSettings, ParsedAttack, parse_attack, query_attacks
 from engine.seeding import seeded_generator  # attacks take generators made by it
 
@@ -14,6 +14,7 @@ __all__ = [
     "bim",
     "fgsm",
     "input_gradient",
+    "margin",
     "mi_fgsm",
     "parse_attack",
     "pgd",

@@ -1,13 +1,18 @@
 """Attacks by name, ours and the libraries', behind one call: attack(model, x, y, generator) -> x_adv.
 
 Names are a family, an optional step (or query) count and, for PGD, restarts: `fgsm`, `bim10`,
-`pgd20`, `pgd100r5` (5 restarts: per image the first run that fools the model), `mifgsm10`,
-`apgd-ce` (100 steps), `apgd-dlr50`, `autoattack`, `square5000`, `cw100`, `deepfool50`.
+`pgd20`, `pgd100r5` (5 restarts: per image the run whose result has the largest margin),
+`pgd-margin100r5`, `mifgsm10`, `apgd-ce` (100 steps), `apgd-dlr50`, `autoattack`, `square5000`,
+`cw100`, `deepfool50`.
 
-- fgsm, bim, pgd, mifgsm: ours (attacks/gradient.py), with EOT.
+- fgsm, bim, pgd, pgd-margin, mifgsm: ours (attacks/gradient.py), with EOT. Both PGDs return each
+  image's best iterate (largest margin, averaged over the EOT draws), not the last; `pgd` follows
+  the cross-entropy, `pgd-margin` the margin max_{j != y} z_j - z_y (Carlini-Wagner's loss), which
+  does not saturate once an image is confidently right or wrong.
 - apgd-ce, apgd-dlr, autoattack, square: pyautoattack 0.2.0, the upstream AutoAttack code that
   RobustBench pins (100 APGD steps; `autoattack` is the `standard` version, or `rand`, APGD-CE +
-  APGD-DLR with EOT 20, when the evaluated model is randomized).
+  APGD-DLR with EOT 20, when the evaluated model is randomized). Against a randomized model every
+  image is attacked for every step and scored afterwards on fresh draws (_apgd_every_image).
 - cw (C&W-L2) and deepfool: foolbox 3.3.4. Both are minimum-norm attacks; the perturbation is
   clipped to the budget, so the accuracy is at that budget like every other row.
 """
@@ -22,14 +27,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attacks.gradient import GradientAttack, Norm, bim, fgsm, mi_fgsm
+from attacks.gradient import GradientAttack, Norm, bim, fgsm, mean_margin, mi_fgsm
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator | None], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSettings:
-    """What a row of results records about an attack. eot: gradient draws per step (1 = none)."""
+    """What a row of results records about an attack. eot: gradient draws per step (1 = none);
+    randomized: the attacked model draws randomness on every call (a randomized defense the attack
+    goes through), so one forward pass does not decide whether an image is fooled."""
 
     norm: Norm
     eps: float
@@ -37,6 +44,7 @@ class AttackSettings:
     eot: int = 1
     seed: int = 0
     restarts: int = 1
+    randomized: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +85,42 @@ def _autoattack_norm(norm: Norm) -> str:
     return {"linf": "Linf", "l2": "L2"}[norm]
 
 
+def _make_apgd(model: nn.Module, settings: AttackSettings, loss: str, device: torch.device):
+    from pyautoattack.autopgd_base import APGDAttack
+
+    return APGDAttack(
+        model,
+        n_iter=settings.steps,
+        norm=_autoattack_norm(settings.norm),
+        eps=settings.eps,
+        seed=settings.seed,
+        loss=loss,
+        eot_iter=settings.eot,
+        device=device,
+    )
+
+
+def _apgd_every_image(attack, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """APGD on every image of a randomized model, each image's highest-loss iterate returned.
+
+    The library's own `perturb` skips an image as soon as one forward draw misclassifies it (at the
+    start, or at any iterate) and keeps that image as it was then; fresh scoring draws then often
+    classify it right again, and the attack looks weaker than it is (through RAIN it left 10.2%
+    where PGD-20 with EOT 20 left 0.0%; auto-attack PR #104/#105). `best_loss=True` attacks every
+    image for all its steps. It does not seed the random start itself: we do, without disturbing
+    the caller's random state.
+    """
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return attack.perturb(x, y, best_loss=True)
+
+
 def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
     def build(settings: AttackSettings) -> AttackFn:
-        from pyautoattack.autopgd_base import APGDAttack
-
         def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-            attack = APGDAttack(
-                model,
-                n_iter=settings.steps,
-                norm=_autoattack_norm(settings.norm),
-                eps=settings.eps,
-                seed=settings.seed,
-                loss=loss,
-                eot_iter=settings.eot,
-                device=x.device,
-            )
-            return attack.perturb(x, y)
+            attack = _make_apgd(model, settings, loss, x.device)
+            return _apgd_every_image(attack, x, y, settings.seed) if settings.randomized else attack.perturb(x, y)
 
         return run
 
@@ -100,20 +128,29 @@ def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
 
 
 def _autoattack(settings: AttackSettings) -> AttackFn:
-    from pyautoattack import AutoAttack
+    """AutoAttack `standard` (the library's, unchanged) for a deterministic model; for a randomized
+    one the `rand` version's attacks, APGD-CE and APGD-DLR with EOT, each on every image
+    (see _apgd_every_image), keeping per image the result with the larger margin averaged over
+    `eot` fresh draws. The library's `rand` run drops an image after one misclassifying draw."""
 
     def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        version = "rand" if settings.eot > 1 else "standard"
+        if settings.randomized:
+            ce, dlr = (
+                _apgd_every_image(_make_apgd(model, settings, loss, x.device), x, y, settings.seed)
+                for loss in ("ce", "dlr")
+            )
+            dlr_better = mean_margin(model, dlr, y, settings.eot) > mean_margin(model, ce, y, settings.eot)
+            return torch.where(dlr_better.view(-1, 1, 1, 1), dlr, ce)
+        from pyautoattack import AutoAttack
+
         attack = AutoAttack(
             model,
             eps=settings.eps,
             norm=_autoattack_norm(settings.norm),
             seed=settings.seed,
-            version=version,
+            version="standard",
             device=x.device,
         )
-        if version == "rand":
-            attack.apgd.eot_iter = settings.eot
         x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv
 
@@ -170,7 +207,16 @@ RECIPES: dict[str, AttackRecipe] = {
     "fgsm": AttackRecipe(_ours(lambda s: fgsm(s.eps)), 1, ("linf",), fixed_steps=True, iterative=False),
     "bim": AttackRecipe(_ours(lambda s: bim(s.eps, s.steps)), 10, ("linf",)),
     "pgd": AttackRecipe(
-        _ours(lambda s: GradientAttack(s.norm, s.eps, s.steps)), 20, ("linf", "l2"), supports_restarts=True
+        _ours(lambda s: GradientAttack(s.norm, s.eps, s.steps, keep_best=True)),
+        20,
+        ("linf", "l2"),
+        supports_restarts=True,
+    ),
+    "pgd-margin": AttackRecipe(
+        _ours(lambda s: GradientAttack(s.norm, s.eps, s.steps, loss="margin", keep_best=True)),
+        100,
+        ("linf", "l2"),
+        supports_restarts=True,
     ),
     "mifgsm": AttackRecipe(_ours(lambda s: mi_fgsm(s.eps, s.steps)), 10, ("linf",)),
     "apgd-ce": AttackRecipe(_apgd("ce"), 100, ("linf", "l2")),

@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="shapes", choices=data_set_names(), help="test set (datamodules/registry.py)")
     parser.add_argument("--data-root", help="the data set's folder (not for shapes)")
     parser.add_argument(
-        "--attacks", default="fgsm,pgd20", help=f"comma list; families {sorted(RECIPES)} + optional step count"
+        "--attacks",
+        default="fgsm,pgd20,pgd100r5",
+        help=f"comma list; families {sorted(RECIPES)} + optional step count (+ rN restarts for pgd); the "
+        "default's pgd100r5 (100 steps, 5 restarts, best iterate) is the strong adaptive attack beside PGD-20",
     )
     parser.add_argument("--threats", default="none,gray-box,white-box,bpda", help=f"comma list of {list(THREATS)}")
     parser.add_argument("--norm", default="linf", choices=["linf", "l2"])

@@ -229,12 +229,15 @@ class Evaluator:
             if self.progress is not None:
                 self.progress.update(self.batches_per_row)
             return Skipped(label, threat.name, attack, reason)
-        eot = self.eot if defense.randomized and threat.through_defense and recipe.supports_eot else 1
+        randomized = defense.randomized and threat.through_defense
+        eot = self.eot if randomized and recipe.supports_eot else 1
         attacker = attacked_model(threat, self.classifier, defense, self.source)
 
         def run(x: Tensor, y: Tensor, generator: torch.Generator, keys: tuple[int, ...]) -> Tensor:
             defense.reseed(*keys, 0)
-            settings = AttackSettings(norm, eps, steps, eot, seed=_key(*keys) % 2**31, restarts=restarts)
+            settings = AttackSettings(
+                norm, eps, steps, eot, seed=_key(*keys) % 2**31, restarts=restarts, randomized=randomized
+            )
             return recipe.build(settings)(attacker, x, y, generator).detach()
 
         shareable = not threat.through_defense

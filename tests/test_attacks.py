@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from attacks import GradientAttack, bim, fgsm, input_gradient, mi_fgsm, pgd, seeded_generator
+from attacks import (
+    AttackSettings,
+    GradientAttack,
+    bim,
+    fgsm,
+    input_gradient,
+    margin,
+    mi_fgsm,
+    parse_attack,
+    pgd,
+    seeded_generator,
+)
 from classifiers import FrozenClassifier, load_classifier
 from datamodules import render_shapes
 
@@ -92,6 +103,54 @@ def test_restarts_keep_what_the_first_run_fooled_and_fool_more(victim, held_out)
     assert (three >= one).all() and three.sum() > one.sum()
 
 
+class RecordingModel(nn.Module):
+    """Records every input it is called on and the margin of its (optionally noisy) logits."""
+
+    def __init__(self, classifier: nn.Module, y: Tensor, noise: float) -> None:
+        super().__init__()
+        self.classifier, self.y, self.noise = classifier, y, noise
+        self.generator = torch.Generator().manual_seed(0)
+        self.calls: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.classifier(x + self.noise * torch.randn(x.shape, generator=self.generator))
+        self.calls.append((x.detach().clone(), margin(logits.detach(), self.y)))
+        return logits
+
+
+@pytest.mark.parametrize("eot, noise", [(1, 0.0), (3, 0.05)])
+def test_pgd_returns_the_iterate_of_largest_margin_averaged_over_the_draws(victim, held_out, eot: int, noise: float):
+    """The reference: every iterate the attack evaluated (eot draws each, the last one included),
+    its margins averaged over its draws, the largest per image. A step size of eps makes the
+    iterates jump between corners of the ball, so the last one is often not the best."""
+    x, y = held_out[0][:100], held_out[1][:100]
+    model = RecordingModel(victim, y, noise)
+    steps = 6
+    attack = GradientAttack("linf", 2 / 255, steps=steps, step_size=2 / 255, eot=eot, keep_best=True)
+    adversarial = attack(model, x, y, seeded_generator("cpu", 5))
+    assert len(model.calls) == (steps + 1) * eot
+    iterates = torch.stack([model.calls[i * eot][0] for i in range(steps + 1)])
+    margins = torch.stack(
+        [torch.stack([m for _, m in model.calls[i * eot : (i + 1) * eot]]).mean(0) for i in range(steps + 1)]
+    )
+    chosen = margins.argmax(0)
+    assert torch.equal(adversarial, iterates[chosen, torch.arange(len(x))])
+    assert (chosen < steps).any(), "the last iterate was the best everywhere: the test cannot tell best from last"
+
+
+def test_the_margin_is_positive_exactly_where_the_image_is_misclassified():
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0], [1.0, 1.0, -2.0]])
+    y = torch.tensor([0, 0, 2])
+    assert torch.allclose(margin(logits, y), torch.tensor([-1.0, 3.0, 3.0]))
+    assert torch.equal(margin(logits, y) > 0, logits.argmax(1) != y)
+
+
+def test_the_margin_loss_breaks_the_undefended_victim(victim, held_out):
+    x, y = held_out
+    attack = GradientAttack("linf", EPS, steps=10, loss="margin", keep_best=True)
+    assert accuracy(victim, attack(victim, x, y, seeded_generator("cpu", 0)), y) < 0.05
+
+
 def test_the_l2_random_start_is_uniform_in_the_ball():
     """In d dimensions a uniform point of the unit ball lies within radius r with chance r^d."""
     attack = GradientAttack("l2", eps=1.0)
@@ -112,13 +171,14 @@ def test_same_seed_same_examples_other_seed_other_examples(victim, held_out):
 class NoisyModel(nn.Module):
     """A randomized 'defense': Gaussian noise before the classifier, drawn from its own generator."""
 
-    def __init__(self, classifier: nn.Module, seed: int) -> None:
+    def __init__(self, classifier: nn.Module, seed: int, sigma: float = 0.1) -> None:
         super().__init__()
         self.classifier = classifier
+        self.sigma = sigma
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(x + 0.1 * torch.randn(x.shape, generator=self.generator))
+        return self.classifier(x + self.sigma * torch.randn(x.shape, generator=self.generator))
 
 
 def test_eot_averages_gradients_over_draws(victim, held_out):
@@ -130,6 +190,21 @@ def test_eot_averages_gradients_over_draws(victim, held_out):
     assert (averaged - again).norm() < 0.6 * (single - averaged).norm()
     # For a deterministic model EOT is the plain gradient.
     assert torch.allclose(input_gradient(victim, x, y, eot=4), input_gradient(victim, x, y), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce10", "apgd-dlr10", "autoattack"])
+def test_library_attacks_perturb_every_image_of_a_randomized_model(victim, held_out, name: str):
+    """pyautoattack's own loop returns an image unperturbed once one forward draw misclassifies it;
+    against a randomized model every image must be attacked (and scored later on fresh draws)."""
+    x, y = held_out[0][:60], held_out[1][:60]
+    model = NoisyModel(victim, 0, sigma=0.3)
+    with torch.no_grad():
+        assert (model(x).argmax(1) != y).any(), "no image misclassified by one draw: the test would see nothing"
+    _, recipe, steps, _ = parse_attack(name)
+    settings = AttackSettings("linf", EPS, steps, eot=2, randomized=True)
+    adversarial = recipe.build(settings)(model, x, y, None)
+    moved = (adversarial - x).flatten(1).abs().amax(1)
+    assert (moved > 0).all() and (moved <= EPS + 1e-6).all()
 
 
 def test_bf16_autocast_attacks_as_well_as_fp32(victim, held_out):

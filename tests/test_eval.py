@@ -275,6 +275,7 @@ ATTACK_CASES = [
     ("bim10", "linf", 8 / 255, 0.05),
     ("pgd10", "linf", 8 / 255, 0.05),
     ("pgd5r2", "l2", 1.0, 0.1),
+    ("pgd-margin10r2", "linf", 8 / 255, 0.05),
     ("mifgsm10", "linf", 8 / 255, 0.1),
     ("apgd-ce", "linf", 8 / 255, 0.05),
     ("apgd-dlr20", "linf", 8 / 255, 0.05),
