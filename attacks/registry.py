@@ -12,7 +12,8 @@ Names are a family, an optional step (or query) count and, for PGD, restarts: `f
 - apgd-ce, apgd-dlr, autoattack, square: pyautoattack 0.2.0, the upstream AutoAttack code that
   RobustBench pins (100 APGD steps; `autoattack` is the `standard` version, or `rand`, APGD-CE +
   APGD-DLR with EOT 20, when the evaluated model is randomized). Against a randomized model every
-  image is attacked for every step and scored afterwards on fresh draws (_apgd_every_image).
+  image is attacked for every step, the iterate with the largest margin over its EOT draws is
+  kept, and it is scored afterwards on fresh draws (_apgd_on_every_image).
 - cw (C&W-L2) and deepfool: foolbox 3.3.4. Both are minimum-norm attacks; the perturbation is
   clipped to the budget, so the accuracy is at that budget like every other row.
 """
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attacks.gradient import GradientAttack, Norm, bim, fgsm, mean_margin, mi_fgsm
+from attacks.gradient import GradientAttack, Norm, bim, fgsm, margin, mi_fgsm
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator | None], Tensor]
 
@@ -100,47 +101,92 @@ def _make_apgd(model: nn.Module, settings: AttackSettings, loss: str, device: to
     )
 
 
-def _apgd_every_image(attack, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    """APGD on every image of a randomized model, each image's highest-loss iterate returned.
+class _BestIterateByDraws(nn.Module):
+    """Passes every call on to `model` and watches the inputs an attack evaluates: consecutive calls
+    on the same input are one iterate's EOT draws. Per image it keeps the input whose margin,
+    averaged over its draws, is the largest seen (`best()`), at no extra forward pass. Inputs seen
+    in fewer than `draws` calls (the attack's one-draw look at the clean images) are not candidates.
+    APGD itself picks its best iterate by the loss of the last draw alone, which against a
+    randomized model favours a lucky draw over a robustly misclassified point."""
+
+    def __init__(self, model: nn.Module, y: Tensor, draws: int) -> None:
+        super().__init__()
+        self.model, self.y, self.required_draws = model, y, draws
+        self.current: Tensor | None = None
+        self.margin_sum = self.draws = None
+        self.best_input: Tensor | None = None
+        self.best_margin = torch.full(y.shape, float("-inf"), device=y.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        margins = margin(logits.detach(), self.y)
+        if self.current is not None and torch.equal(x.detach(), self.current):
+            self.margin_sum, self.draws = self.margin_sum + margins, self.draws + 1
+        else:
+            self._settle()
+            self.current, self.margin_sum, self.draws = x.detach().clone(), margins, 1
+        return logits
+
+    def _settle(self) -> None:
+        if self.current is None or self.draws < self.required_draws:
+            return
+        mean = self.margin_sum / self.draws
+        larger = mean > self.best_margin
+        self.best_input = (
+            self.current
+            if self.best_input is None
+            else torch.where(larger.view(-1, 1, 1, 1), self.current, self.best_input)
+        )
+        self.best_margin = torch.maximum(mean, self.best_margin)
+
+    def best(self) -> Tensor:
+        self._settle()
+        self.current = None
+        return self.best_input
+
+
+def _apgd_on_every_image(settings: AttackSettings, losses: tuple[str, ...]) -> AttackFn:
+    """APGD with each of `losses` on every image of a randomized model; per image, the iterate of
+    all the runs whose margin averaged over its EOT draws is the largest.
 
     The library's own `perturb` skips an image as soon as one forward draw misclassifies it (at the
     start, or at any iterate) and keeps that image as it was then; fresh scoring draws then often
     classify it right again, and the attack looks weaker than it is (through RAIN it left 10.2%
     where PGD-20 with EOT 20 left 0.0%; auto-attack PR #104/#105). `best_loss=True` attacks every
-    image for all its steps. It does not seed the random start itself: we do, without disturbing
-    the caller's random state.
+    image for all its steps; `_BestIterateByDraws` chooses what to return. `best_loss` mode does
+    not seed the random start: we do, without disturbing the caller's random state.
     """
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return attack.perturb(x, y, best_loss=True)
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        watched = _BestIterateByDraws(model, y, settings.eot)
+        devices = [x.device] if x.device.type == "cuda" else []
+        for loss in losses:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(settings.seed)
+                _make_apgd(watched, settings, loss, x.device).perturb(x, y, best_loss=True)
+        return watched.best()
+
+    return run
 
 
 def _apgd(loss: str) -> Callable[[AttackSettings], AttackFn]:
     def build(settings: AttackSettings) -> AttackFn:
-        def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-            attack = _make_apgd(model, settings, loss, x.device)
-            return _apgd_every_image(attack, x, y, settings.seed) if settings.randomized else attack.perturb(x, y)
-
-        return run
+        if settings.randomized:
+            return _apgd_on_every_image(settings, (loss,))
+        return lambda model, x, y, generator: _make_apgd(model, settings, loss, x.device).perturb(x, y)
 
     return build
 
 
 def _autoattack(settings: AttackSettings) -> AttackFn:
     """AutoAttack `standard` (the library's, unchanged) for a deterministic model; for a randomized
-    one the `rand` version's attacks, APGD-CE and APGD-DLR with EOT, each on every image
-    (see _apgd_every_image), keeping per image the result with the larger margin averaged over
-    `eot` fresh draws. The library's `rand` run drops an image after one misclassifying draw."""
+    one the `rand` version's attacks, APGD-CE and APGD-DLR with EOT, on every image, returning per
+    image the best iterate of both by its margin over the EOT draws (_apgd_on_every_image). The
+    library's `rand` run drops an image after one misclassifying draw."""
+    if settings.randomized:
+        return _apgd_on_every_image(settings, ("ce", "dlr"))
 
     def run(model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        if settings.randomized:
-            ce, dlr = (
-                _apgd_every_image(_make_apgd(model, settings, loss, x.device), x, y, settings.seed)
-                for loss in ("ce", "dlr")
-            )
-            dlr_better = mean_margin(model, dlr, y, settings.eot) > mean_margin(model, ce, y, settings.eot)
-            return torch.where(dlr_better.view(-1, 1, 1, 1), dlr, ce)
         from pyautoattack import AutoAttack
 
         attack = AutoAttack(

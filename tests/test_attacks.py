@@ -207,6 +207,27 @@ def test_library_attacks_perturb_every_image_of_a_randomized_model(victim, held_
     assert (moved > 0).all() and (moved <= EPS + 1e-6).all()
 
 
+def test_apgd_on_a_randomized_model_returns_the_iterate_of_largest_margin_over_its_draws(victim, held_out):
+    """The reference: every input APGD (CE, then DLR) evaluated with all its EOT draws (consecutive
+    calls on one input), margins averaged over them, the largest per image. APGD's own choice rests
+    on the last draw's loss alone."""
+    x, y = held_out[0][:40], held_out[1][:40]
+    model = RecordingModel(victim, y, noise=0.05)
+    _, recipe, steps, _ = parse_attack("autoattack")
+    adversarial = recipe.build(AttackSettings("linf", EPS, steps, eot=3, randomized=True))(model, x, y, None)
+    groups: list[tuple[Tensor, list[Tensor]]] = []
+    for inputs, margins in model.calls:
+        if groups and torch.equal(groups[-1][0], inputs):
+            groups[-1][1].append(margins)
+        else:
+            groups.append((inputs, [margins]))
+    drawn = [(inputs, draws) for inputs, draws in groups if len(draws) == 3]
+    assert len(drawn) > 2 * steps and len(groups) - len(drawn) == 2  # each APGD's look at the clean images
+    mean_margins = torch.stack([torch.stack(draws).mean(0) for _, draws in drawn])
+    chosen = mean_margins.argmax(0)
+    assert torch.equal(adversarial, torch.stack([inputs for inputs, _ in drawn])[chosen, torch.arange(len(x))])
+
+
 def test_bf16_autocast_attacks_as_well_as_fp32(victim, held_out):
     x, y = held_out
     attack = pgd(4 / 255, steps=5)
