@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attacks import input_gradient
 from classifiers import load_classifier
 from datamodules import render_shapes
 from defenses import make_defense
 from defenses.gradient_map import gradient_map
 from engine.cli import RestorationCLI
 from evaluation import cli as evaluator_cli
+from evaluation.threats import THREATS, attacked_model
 from restorers import TrnDefense, TrnRestorer
 from tests.conftest import REPO_ROOT, restorer_args, run_script
 
@@ -125,7 +127,22 @@ def test_the_export_rebuilds_the_defense_around_the_evaluated_classifier(trn_run
         assert torch.equal(from_checkpoint(batch[0]), rebuilt(batch[0]))
 
 
+def test_evals_white_box_attacker_differentiates_through_the_gradient_map(trn_run, victim, batch):
+    """The model eval.py's white-box attack follows has the exact input gradient (double backprop
+    through the estimated gradient map), not BPDA's, which is what a cut path would give: then a
+    white-box row would only repeat the BPDA row and still sit below gray-box."""
+    _, cli = trn_run
+    defense = cli.model.defense()
+    x, y = batch[0][:16], batch[1][:16]
+    white_box = input_gradient(attacked_model(THREATS["white-box"], victim, defense, None), x, y)
+    bpda = input_gradient(attacked_model(THREATS["bpda"], victim, defense, None), x, y)
+    exact = input_gradient(lambda inputs: victim(defense(inputs)), x, y)
+    assert torch.allclose(white_box, exact, atol=1e-6)
+    assert (white_box - bpda).abs().sum() > 0.01 * white_box.abs().sum()
+
+
 def test_eval_runs_white_box_and_bpda_through_trn(trn_run, shapes_victim: Path, tmp_path: Path):
+    """eval.py end to end; which gradient its white-box attack follows is the test above's."""
     root, _ = trn_run
     results = evaluator_cli.main(
         [
