@@ -7,10 +7,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from attacks import input_gradient
+from classifiers import load_classifier
+from datamodules import render_shapes
 from defenses import make_defense
 from engine.cli import RestorationCLI
 from engine.export import NotAnExportError
 from evaluation import cli as evaluator_cli
+from evaluation.threats import THREATS, attacked_model
 from restorers.edsr import build_edsr
 from restorers.export import module_from_checkpoint
 from tests.conftest import QUIET, REPO_ROOT, run_dirs, run_script
@@ -93,14 +97,21 @@ def test_the_classifier_in_the_loop_buys_gray_box_accuracy(sr_run, shapes_victim
 
 
 def test_eval_attacks_white_box_through_the_sr_restorer(sr_run, shapes_victim: Path, tmp_path: Path):
-    """eval.py differentiates through the exported SR restorer (wavelet denoising, resize, EDSR): a
-    white-box PGD takes it to near 0% (docs/RESULTS.md: 0.2% on 500 shapes), with no zero-gradient
-    warning. A path cut anywhere in it (a detach, a no_grad) leaves the attack blind and the row near clean."""
+    """eval.py differentiates through the exported SR restorer (wavelet denoising, EDSR, resize):
+    its white-box attacker has the exact gradient of restorer + classifier (not BPDA's identity
+    stand-in), and a white-box PGD takes the defense to near 0% (docs/RESULTS.md: 0.0-0.2% on 500
+    shapes) with no zero-gradient warning."""
     root, _, _ = sr_run
+    export = str(root / "exports" / "sr.pt")
+    victim, (images, labels) = load_classifier(shapes_victim), render_shapes(16, seed=1)
+    x, defense = images.float() / 255, make_defense(export, victim)
+    white_box = input_gradient(attacked_model(THREATS["white-box"], victim, defense, None), x, labels)
+    bpda = input_gradient(attacked_model(THREATS["bpda"], victim, defense, None), x, labels)
+    assert torch.allclose(white_box, input_gradient(lambda inputs: victim(defense(inputs)), x, labels), atol=1e-6)
+    assert (white_box - bpda).abs().sum() > 0.01 * white_box.abs().sum()
     results = evaluator_cli.main(
         ["--classifier", str(shapes_victim), "--data", "shapes", "--out", str(tmp_path / "eval"), "--no-progress"]
-        + ["--defense", str(root / "exports" / "sr.pt"), "--attacks", "pgd10", "--threats", "white-box", "--n", "50"]
-        + ["--sanity-images", "0"]
+        + ["--defense", export, "--attacks", "pgd10", "--threats", "white-box", "--n", "50", "--sanity-images", "0"]
     )
     rows = {row["threat"]: row for row in results["rows"] if row["defense"] != "none"}
     assert rows["clean"]["accuracy"] > 0.8 and rows["white-box"]["accuracy"] <= 0.06
