@@ -123,10 +123,7 @@ class GradientAttack:
         """Adversarial examples (N,C,H,W) in [0,1] within eps of x. y: (N,) true labels."""
         best, best_margin = self._run(model, x, y, generator)
         for _ in range(self.restarts - 1):
-            candidate, candidate_margin = self._run(model, x, y, generator)
-            better = candidate_margin > best_margin
-            best = torch.where(better.view(-1, 1, 1, 1), candidate, best)
-            best_margin = torch.where(better, candidate_margin, best_margin)
+            best, best_margin = keep_larger_margin(best, best_margin, *self._run(model, x, y, generator))
         return best
 
     def _run(
@@ -140,7 +137,8 @@ class GradientAttack:
         velocity = torch.zeros_like(x)
         for _ in range(self.steps):
             gradient, iterate_margin = input_gradient_and_margin(model, x_adv, y, self.eot, self.loss)
-            best, best_margin = _keep_larger(best, best_margin, x_adv, iterate_margin)
+            if self.keep_best:
+                best, best_margin = keep_larger_margin(best, best_margin, x_adv, iterate_margin)
             if self.momentum:
                 # MI-FGSM: accumulate L1-normalized gradients (Dong et al. 2018).
                 velocity = self.momentum * velocity + gradient / gradient.abs().flatten(1).mean(1).clamp_min(
@@ -153,7 +151,7 @@ class GradientAttack:
         last_margin = mean_margin(model, x_adv, y, self.eot)
         if not self.keep_best:
             return x_adv, last_margin
-        return _keep_larger(best, best_margin, x_adv, last_margin)
+        return keep_larger_margin(best, best_margin, x_adv, last_margin)
 
     def _direction(self, gradient: Tensor) -> Tensor:
         return gradient.sign() if self.norm == "linf" else gradient / _per_image_norm(gradient)
@@ -177,10 +175,12 @@ class GradientAttack:
         return (x + delta).clamp(0.0, 1.0)
 
 
-def _keep_larger(
+def keep_larger_margin(
     best: Tensor, best_margin: Tensor, candidate: Tensor, candidate_margin: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Per image, the candidate where its margin is larger (ties keep the earlier one)."""
+    """Per image, the candidate where its margin is larger (ties keep the earlier one).
+
+    best, candidate: (N,...) images; best_margin, candidate_margin: (N,). Returns (images, margins)."""
     larger = candidate_margin > best_margin
     return torch.where(larger.view(-1, *([1] * (best.ndim - 1))), candidate, best), torch.maximum(
         best_margin, candidate_margin

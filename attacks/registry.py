@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attacks.gradient import GradientAttack, Norm, bim, fgsm, margin, mi_fgsm
+from attacks.gradient import GradientAttack, Norm, bim, fgsm, keep_larger_margin, margin, mi_fgsm
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator | None], Tensor]
 
@@ -130,14 +130,10 @@ class _BestIterateByDraws(nn.Module):
     def _settle(self) -> None:
         if self.current is None or self.draws < self.required_draws:
             return
-        mean = self.margin_sum / self.draws
-        larger = mean > self.best_margin
-        self.best_input = (
-            self.current
-            if self.best_input is None
-            else torch.where(larger.view(-1, 1, 1, 1), self.current, self.best_input)
+        best = self.current if self.best_input is None else self.best_input
+        self.best_input, self.best_margin = keep_larger_margin(
+            best, self.best_margin, self.current, self.margin_sum / self.draws
         )
-        self.best_margin = torch.maximum(mean, self.best_margin)
 
     def best(self) -> Tensor:
         self._settle()

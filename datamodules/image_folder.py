@@ -4,6 +4,7 @@ ones (ImageNet) streamed through loader workers."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from pathlib import Path
 
@@ -194,7 +195,8 @@ class ImageFolderStream(pl.LightningDataModule):
         kept, held_out = hold_out(labels, self.val_images, self.val_seed, f"'{self.root}/train'")
         self.datasets["train"] = Subset(training, kept.tolist())
         if self.val_images:
-            validation = datasets.ImageFolder(str(self.root / "train"), transform=evaluate)
+            validation = copy.copy(training)  # the same file list (one scan of the tree), the test transform
+            validation.transform = evaluate
             self.datasets["val"] = Subset(validation, held_out.tolist())
 
     def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
