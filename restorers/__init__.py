@@ -2,12 +2,13 @@
 (restorers/base.py), registered by export kind (restorers/registry.py).
 
 The registry: importing a restorer's module registers it under its kind, one import line per
-restorer below (inpainter: "cii", rain: "rain", sr: "sr", trn: "trn")."""
+restorer below (inpainter: "cii", rain: "rain", robust: "robust", sr: "sr", trn: "trn")."""
 
 from restorers.base import RestorerModule
 from restorers.inpainter import InpainterRestorer, InpaintingNetwork
 from restorers.rain import RainDefense, RainRestorer
 from restorers.registry import register_restorer, restorer_class, restorer_kinds
+from restorers.robust import ResidualUNet, RobustDefense, RobustRestorer
 from restorers.sr import SuperResolutionDefense, SuperResolutionRestorer
 from restorers.trn import TrnDefense, TrnRestorer, TwoStreamRestorationNetwork
 
@@ -16,7 +17,10 @@ __all__ = [
     "InpaintingNetwork",
     "RainDefense",
     "RainRestorer",
+    "ResidualUNet",
     "RestorerModule",
+    "RobustDefense",
+    "RobustRestorer",
     "SuperResolutionDefense",
     "SuperResolutionRestorer",
     "TrnDefense",

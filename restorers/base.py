@@ -210,7 +210,10 @@ class RestorerModule(pl.LightningModule):
 
     def classifier_term(self, restored: Tensor, clean: Tensor, y: Tensor) -> Tensor:
         """The classifier-in-the-loop loss named by the `classifier_loss` hyperparameter (fp32)."""
-        logits = self.classifier(restored)
+        return self.classifier_term_of_logits(self.classifier(restored), clean, y)
+
+    def classifier_term_of_logits(self, logits: Tensor, clean: Tensor, y: Tensor) -> Tensor:
+        """classifier_term from the classifier's logits (N,K) on the restored images, already computed."""
         if self.hparams.classifier_loss == "ce":
             return F.cross_entropy(logits.float(), y)
         with torch.no_grad():

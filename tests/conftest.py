@@ -120,6 +120,9 @@ def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TWO_CPU_PROCESSES = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+
 def run_dirs(tmp_path: Path, name: str) -> list[str]:
     return ["--run.name", name, "--run.root", str(tmp_path / "runs"), "--run.export_dir", str(tmp_path / "exports")]
 

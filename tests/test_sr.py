@@ -17,7 +17,7 @@ from evaluation import cli as evaluator_cli
 from evaluation.threats import THREATS, attacked_model
 from restorers.edsr import build_edsr
 from restorers.export import module_from_checkpoint
-from tests.conftest import QUIET, REPO_ROOT, run_dirs, run_script
+from tests.conftest import QUIET, REPO_ROOT, TWO_CPU_PROCESSES, run_dirs, run_script
 
 SR_CONFIG = str(REPO_ROOT / "configs" / "sr_shapes.yaml")
 TRAIN_IMAGES, BATCH = 1024, 32
@@ -188,12 +188,7 @@ def test_ddp_with_two_cpu_processes_trains_the_restorer(shapes_victim: Path, tmp
         "train.py",
         "fit",
         *sr_args(shapes_victim, *run_dirs(tmp_path, "ddp")),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
+        *TWO_CPU_PROCESSES,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = torch.load(tmp_path / "exports" / "ddp.pt", weights_only=True)["meta"]

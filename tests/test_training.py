@@ -9,7 +9,7 @@ import torch
 
 from classifiers import load_classifier
 from engine.cli import RestorationCLI
-from tests.conftest import QUICKSTART_CONFIG, QUIET, REPO_ROOT, SMALL_RUN, fit, run_dirs, run_script
+from tests.conftest import QUICKSTART_CONFIG, QUIET, REPO_ROOT, SMALL_RUN, TWO_CPU_PROCESSES, fit, run_dirs, run_script
 
 TRAIN_IMAGES, BATCH = 3000, 32  # SMALL_RUN's training set and batch size
 STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES / BATCH)
@@ -130,12 +130,7 @@ def test_ddp_with_two_cpu_processes_trains(tmp_path: Path):
         QUICKSTART_CONFIG,
         *SMALL_RUN,
         *run_dirs(tmp_path, "ddp"),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
+        *TWO_CPU_PROCESSES,
         "--trainer.max_epochs",
         "3",
     )

@@ -16,7 +16,7 @@ from engine.cli import RestorationCLI
 from evaluation import cli as evaluator_cli
 from evaluation.threats import THREATS, attacked_model
 from restorers import TrnDefense, TrnRestorer
-from tests.conftest import REPO_ROOT, restorer_args, run_script
+from tests.conftest import REPO_ROOT, TWO_CPU_PROCESSES, restorer_args, run_script
 
 TRN_CONFIG = str(REPO_ROOT / "configs" / "trn_shapes.yaml")
 EPS = 8 / 255
@@ -180,12 +180,7 @@ def test_ddp_with_two_cpu_processes_trains_trn(shapes_victim: Path, tmp_path: Pa
         tmp_path,
         "ddp",
         20,
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
+        *TWO_CPU_PROCESSES,
     )
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
