@@ -31,8 +31,11 @@ the coarsest level of three sees all of it after a few convolutions, and the coa
 quarter and a sixteenth of the full-resolution FLOPs per channel, so capacity (width) goes where it
 is cheap. A flat EDSR body of the same cost sees ~17 px. The last convolution starts at zero
 (`identity_start`): an untrained restorer is the identity, so training starts from the victim's
-clean accuracy instead of from an output the classifier cannot read (the ablation in
-docs/RESULTS.md measures what that start, the epsilon ramp and the clean terms each do).
+clean accuracy instead of from an output the classifier cannot read. The ablation in
+docs/RESULTS.md ("Robust restorer") shows the collapse the field notes saw, and what prevents it:
+without this start, without the epsilon ramp, or with the KL term at six times the clean terms,
+the pair fell to 10-20% clean accuracy; the first thing an attacked restorer learns then is an
+output that carries little of its input (the KL term is zero for a constant output).
 
 Defense (RobustDefense): the network alone, deterministic and differentiable; BPDA's identity
 stand-in is a weaker view than the white-box one, which eval.py runs too.
