@@ -175,13 +175,24 @@ class RestorerModule(pl.LightningModule):
 
     def adversarial_part(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> Tensor:
         """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)
-        images, seeded by (step, rank); none (k = 0) in evaluation."""
+        images against `attacked_model()` at `training_epsilon(step)`, seeded by (step, rank); none
+        (k = 0) in evaluation."""
         count = 0 if evaluation else round(self.hparams.adversarial_share * len(x))
         if not count:
             return x[:0]
         with torch.enable_grad():
-            attack = GradientAttack("linf", self.hparams.attack_eps, self.hparams.attack_steps)
-            return attack(self.classifier, x[:count], y[:count], seeded_generator(x.device, step, self.global_rank))
+            attack = GradientAttack("linf", self.training_epsilon(step), self.hparams.attack_steps)
+            generator = seeded_generator(x.device, step, self.global_rank)
+            return attack(self.attacked_model(), x[:count], y[:count], generator)
+
+    def attacked_model(self) -> nn.Module:
+        """What the training attack differentiates: the frozen classifier alone (the papers' gray-box
+        training; restorers/robust.py attacks through the restorer too)."""
+        return self.classifier
+
+    def training_epsilon(self, step: int) -> float:
+        """The training attack's budget at `step`: attack_eps (restorers/robust.py ramps it up)."""
+        return self.hparams.attack_eps
 
     def validation_attack(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
         """The validation's gray-box adversarials (N,C,H,W) in [0,1]: Linf PGD (val_eps, val_steps)

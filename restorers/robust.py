@@ -185,21 +185,14 @@ class RobustRestorer(RestorerModule):
         return DefendedClassifier(self.classifier, self.defense())
 
     def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
-        """(the batch with its first round(adversarial_share * N) images replaced by PGD adversarials,
-        x); seeded by (step, rank). In evaluation, (x, x)."""
-        count = 0 if evaluation else round(self.hparams.adversarial_share * len(x))
-        if not count:
-            return x, x
-        attack = GradientAttack("linf", self.training_epsilon(step), self.hparams.attack_steps)
-        generator = seeded_generator(x.device, step, self.global_rank)
-        with torch.enable_grad():
-            attacked = attack(self.attacked_model(), x[:count], y[:count], generator)
-        return torch.cat([attacked, x[count:]]), x
+        """(the batch with its first round(adversarial_share * N) images replaced by the base's PGD
+        adversarials through `attacked_model()`, x); seeded by (step, rank). In evaluation, (x, x)."""
+        attacked = self.adversarial_part(x, y, step, evaluation)
+        return torch.cat([attacked, x[len(attacked) :]]), x
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        attacked, _ = self.make_pair(x, y, self.global_step)
-        terms, robust_acc = self.loss_terms(x, y, attacked[: round(self.hparams.adversarial_share * len(x))])
+        terms, robust_acc = self.loss_terms(x, y, self.adversarial_part(x, y, self.global_step))
         hp = self.hparams
         weights = {
             "adversarial": hp.classifier_weight,
