@@ -5,6 +5,7 @@ from defenses.cii import CIIDefence, Inpainter, TeleaInpainter
 from defenses.dip import DipDefense
 from defenses.factory import DEFENSES, build_defense, make_defense, parse_spec
 from defenses.randomization import StructuredRandomization, circular_shift
+from defenses.smoothing import GaussianSmoothing, Smoothing
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise, wavelet_denoise
 
@@ -16,12 +17,14 @@ __all__ = [
     "DefendedClassifier",
     "Defense",
     "DipDefense",
+    "GaussianSmoothing",
     "Identity",
     "Inpainter",
     "Jpeg",
     "TeleaInpainter",
     "MedianFilter",
     "RandomResizePad",
+    "Smoothing",
     "StructuredRandomization",
     "circular_shift",
     "WaveletDenoise",

@@ -64,6 +64,11 @@ class Defense(nn.Module):
             self._generators[device] = seeded_generator(device, *self._seed_keys)
         return self._generators[device]
 
+    def scored_model(self, classifier: nn.Module) -> nn.Module:
+        """What eval.py scores behind this defense (the argmax of its logits): classifier(defense(x)),
+        unless the defense predicts otherwise (randomized smoothing's vote with abstention)."""
+        return DefendedClassifier(classifier, self)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.spec().items() if key != "name")
 

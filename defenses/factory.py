@@ -1,6 +1,7 @@
 """Build a defense by name, from a spec string, or from an exported restorer file.
 
     jpeg:quality=75        median:kernel=3        wavelet:sigma=0.04,wavelet=db2
+    smoothing:sigma=0.25,draws=1000               (randomized smoothing of the classifier alone)
     configs/defenses/dip_cifar10.yaml             (a YAML file holding one spec: name: dip, iterations: ...)
     checkpoints/sr_cifar10.pt                     (a restorer's export: its kind is in restorers/registry.py)
     runs/sr_cifar10/checkpoints/last.ckpt         (a restorer's Lightning checkpoint)
@@ -21,6 +22,7 @@ from defenses.base import Defense
 from defenses.cii import CIIDefence
 from defenses.dip import DipDefense
 from defenses.randomization import StructuredRandomization
+from defenses.smoothing import GaussianSmoothing
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
 from defenses.wavelet import WaveletDenoise
 
@@ -35,6 +37,7 @@ DEFENSES: dict[str, type[Defense]] = {
     "srd": StructuredRandomization,
     "cii": CIIDefence,
     "dip": DipDefense,
+    "smoothing": GaussianSmoothing,
 }
 
 EXPORT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -66,7 +69,7 @@ def build_defense(spec: dict[str, Any], classifier: nn.Module | None = None) -> 
     if spec["name"] not in DEFENSES:
         raise ValueError(f"unknown defense {spec['name']!r}; known: {sorted(DEFENSES)} or an exported restorer file")
     cls = DEFENSES[spec["name"]]
-    accepted = set(inspect.signature(cls).parameters) - {"classifier"}
+    accepted = set(inspect.signature(cls).parameters) - {"classifier", "network"}  # modules, not spec values
     unknown = set(arguments) - accepted
     if unknown:
         raise ValueError(f"defense {spec['name']!r} takes {sorted(accepted)}, not {sorted(unknown)}")

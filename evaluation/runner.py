@@ -84,7 +84,8 @@ class AutocastLogits(nn.Module):
             return self.model(x).float()
 
 
-def _key(*parts: object) -> int:
+def text_key(*parts: object) -> int:
+    """An integer seed key from readable parts (crc32 of their text): rows and draws keyed by what they are."""
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
@@ -149,7 +150,7 @@ class Evaluator:
             if self.progress is not None:
                 self.progress.update(self.batches_per_row)
             return self._shared[1], self._shared[2]
-        started, adversarials, row_key = time.perf_counter(), [], _key(*key)
+        started, adversarials, row_key = time.perf_counter(), [], text_key(*key)
         for index, x, y in self._batches():
             keys = (self.seed, row_key, index)
             adversarials.append(run(x, y, seeded_generator(x.device, *keys), keys))
@@ -172,7 +173,7 @@ class Evaluator:
     ) -> Row:
         """Score the adversarial batches; seconds = the attack's time plus the scoring's."""
         started, label = time.perf_counter(), describe(defense.spec()) if defense else "none"
-        row_key = _key("score", label, threat, attack, settings.norm, settings.eps)
+        row_key = text_key("score", label, threat, attack, settings.norm, settings.eps)
         scores = [
             self._score(scorer, defense, x_adv, y, (self.seed, row_key, index))
             for (index, _, y), x_adv in zip(self._batches(), adversarials)
@@ -236,7 +237,7 @@ class Evaluator:
         def run(x: Tensor, y: Tensor, generator: torch.Generator, keys: tuple[int, ...]) -> Tensor:
             defense.reseed(*keys, 0)
             settings = AttackSettings(
-                norm, eps, steps, eot, seed=_key(*keys) % 2**31, restarts=restarts, randomized=randomized
+                norm, eps, steps, eot, seed=text_key(*keys) % 2**31, restarts=restarts, randomized=randomized
             )
             return recipe.build(settings)(attacker, x, y, generator).detach()
 
@@ -251,7 +252,7 @@ class Evaluator:
         """Share of images (`limit` of them, the classes in turn) whose input gradient through the
         attacker's model is exactly 0."""
         model = attacked_model(threat, self.classifier, defense, self.source)
-        defense.reseed(self.seed, _key("gradient-check"))
+        defense.reseed(self.seed, text_key("gradient-check"))
         positions = classes_in_turn(self.labels, limit)
         gradient = input_gradient(model, self.images[positions], self.labels[positions])
         return (gradient.flatten(1).abs().amax(1) == 0).float().mean().item()

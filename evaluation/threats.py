@@ -93,4 +93,4 @@ def attacked_model(threat: ThreatModel, classifier: nn.Module, defense: Defense,
 
 def scored_model(threat: ThreatModel, classifier: nn.Module, defense: Defense) -> nn.Module:
     """The model whose accuracy on the adversarial images is reported under `threat`."""
-    return DefendedClassifier(classifier, defense).eval() if threat.defended else classifier
+    return defense.scored_model(classifier).eval() if threat.defended else classifier

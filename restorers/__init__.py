@@ -2,17 +2,21 @@
 (restorers/base.py), registered by export kind (restorers/registry.py).
 
 The registry: importing a restorer's module registers it under its kind, one import line per
-restorer below (inpainter: "cii", rain: "rain", robust: "robust", sr: "sr", trn: "trn")."""
+restorer below (denoiser: "denoiser", inpainter: "cii", rain: "rain", robust: "robust", sr: "sr",
+trn: "trn")."""
 
 from restorers.base import RestorerModule
+from restorers.denoiser import DenoiserRestorer
 from restorers.inpainter import InpainterRestorer, InpaintingNetwork
 from restorers.rain import RainDefense, RainRestorer
 from restorers.registry import register_restorer, restorer_class, restorer_kinds
-from restorers.robust import ResidualUNet, RobustDefense, RobustRestorer
+from restorers.robust import RobustDefense, RobustRestorer
 from restorers.sr import SuperResolutionDefense, SuperResolutionRestorer
 from restorers.trn import TrnDefense, TrnRestorer, TwoStreamRestorationNetwork
+from restorers.unet import ResidualUNet
 
 __all__ = [
+    "DenoiserRestorer",
     "InpainterRestorer",
     "InpaintingNetwork",
     "RainDefense",

@@ -7,8 +7,10 @@ Training, top-down (`training_step`):
     -> logs
 The classifier loss is cross-entropy of the frozen classifier on the restored image (`ce`), or
 HGD's (Liao et al. 2018) L1 between the classifier's logits on the restored and on the clean image
-(`logits_l1`). The classifier is a FrozenClassifier: requires_grad False, always in eval mode,
-not in the optimizer; its weights come from the victim file whose path and hash the export keeps.
+(`logits_l1`), or denoised smoothing's stability loss (Salman et al. 2020): cross-entropy against the
+classifier's own label of the clean image (`stability`: no true label needed). The classifier is a
+FrozenClassifier: requires_grad False, always in eval mode, not in the optimizer; its weights come
+from the victim file whose path and hash the export keeps.
 
 Validation each epoch (on the `val_images` held out of the training split), and `train.py
 test` on the whole test split: PSNR/SSIM of the restorer's input
@@ -29,7 +31,7 @@ A restorer is one module: a subclass with a `kind`, registered with `@register_r
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -43,7 +45,7 @@ from classifiers import load_classifier
 from defenses.base import Defense
 from engine.export import NotAnExportError, file_sha256, make_export
 
-ClassifierLoss = Literal["ce", "logits_l1"]
+ClassifierLoss = Literal["ce", "logits_l1", "stability"]
 Schedule = Literal["cosine", "constant"]
 
 
@@ -54,7 +56,7 @@ class RestorerModule(pl.LightningModule):
         classifier: the victim file (export .pt or VictimModule .ckpt) frozen in the loss.
         num_classes, in_chans: linked from the data module; checked against the classifier.
         restoration_weight, classifier_weight: weights of the L1 restoration loss and of the
-            classifier-in-the-loop loss; classifier_loss: "ce" or "logits_l1" (HGD).
+            classifier-in-the-loop loss; classifier_loss: "ce", "logits_l1" (HGD) or "stability".
         lr, weight_decay, schedule: AdamW and its per-step schedule.
         adversarial_share: share of each training batch that restorers which train on adversarial
             inputs replace by adversarial images (`adversarial_part`); attack_eps, attack_steps:
@@ -64,6 +66,7 @@ class RestorerModule(pl.LightningModule):
     """
 
     kind: ClassVar[str] = ""  # the export kind, e.g. "sr": written once, on the subclass
+    restoration_name: ClassVar[str] = "l1"  # what restoration_loss measures: its name in the logs
     # What a registered subclass must define (RestorerModule.check_contract).
     CONTRACT: ClassVar[tuple[str, ...]] = (
         "make_pair",
@@ -96,6 +99,8 @@ class RestorerModule(pl.LightningModule):
         super().__init__()
         if not 0 <= adversarial_share <= 1:
             raise ValueError(f"adversarial_share must be in [0, 1], got {adversarial_share}")
+        if classifier_loss not in get_args(ClassifierLoss):
+            raise ValueError(f"classifier_loss must be one of {get_args(ClassifierLoss)}, got {classifier_loss!r}")
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.classifier = load_classifier(classifier)
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
@@ -229,6 +234,8 @@ class RestorerModule(pl.LightningModule):
             return F.cross_entropy(logits.float(), y)
         with torch.no_grad():
             reference = self.classifier(clean)
+        if self.hparams.classifier_loss == "stability":
+            return F.cross_entropy(logits.float(), reference.argmax(1))
         return F.l1_loss(logits.float(), reference.float())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -241,7 +248,12 @@ class RestorerModule(pl.LightningModule):
         )
         loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
         self.log_dict(
-            {"train/loss": loss, "train/l1": restoration, "train/classifier_loss": in_the_loop}, prog_bar=True
+            {
+                "train/loss": loss,
+                f"train/{self.restoration_name}": restoration,
+                "train/classifier_loss": in_the_loop,
+            },
+            prog_bar=True,
         )
         return loss
 

@@ -147,6 +147,7 @@ class Tier:
                 self.trainer.callbacks.append(recorder)
 
         victim = [] if is_victim(config) else ["--model.init_args.classifier", str(self.victim_for(data_class(config)))]
+        victim += self.start_args(config)
         with torch_flags_kept():  # a later evaluation in this test must not inherit `deterministic: true`
             cli = RecordingCLI(
                 args=[
@@ -172,6 +173,15 @@ class Tier:
             )
         self.recorded[name] = recorder.seen
         return cli
+
+    def start_args(self, config: Path) -> list[str]:
+        """A stage-2 config (init_from: checkpoints/<stage 1>.pt) starts from this tier's export of stage 1."""
+        start = config_of(config)["model"].get("init_args", {}).get("init_from")
+        return (
+            []
+            if start is None
+            else ["--model.init_args.init_from", str(self.export(config.parent / f"{Path(start).stem}.yaml"))]
+        )
 
     def export(self, config: Path) -> Path:
         if config.stem not in self.exports:
