@@ -16,8 +16,6 @@ the image chunk), so the same command gives the same numbers.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import io
 import json
 import sys
@@ -33,9 +31,10 @@ from tqdm import tqdm
 from attacks import GradientAttack
 from defenses import describe
 from defenses.smoothing import ABSTAIN, GaussianSmoothing, SoftSmoothedClassifier
-from engine.export import atomic_write_bytes, environment_meta, file_sha256
+from engine.export import atomic_write_bytes, environment_meta
 from engine.seeding import seeded_generator
-from evaluation.cli import device_name, load_models, load_subset, prepare_out, resolve_device
+from evaluation.cli import load_models, load_subset, prepare_out, resolve_device, run_meta
+from evaluation.report import csv_text
 from evaluation.runner import text_key
 
 TABLE_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # the radii results.md tabulates (the papers')
@@ -164,6 +163,48 @@ def empirical_check(
     return rows
 
 
+def certify_and_check(
+    defense: GaussianSmoothing,
+    classifier: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    indices: list[int],
+    args: argparse.Namespace,
+    progress: tqdm,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One defense: (a certify.csv line per image, its summary: the table, curve, check and speed)."""
+    prediction, radius, seconds = certify_defense(defense, classifier, images, args, progress)
+    correct = prediction == labels.cpu()
+    label = describe(defense.spec())
+    rows = [
+        {
+            "defense": label,
+            "index": index,
+            "label": int(y),
+            "prediction": int(p),
+            "radius": round(float(r), 6),
+            "correct": int(c),
+            "abstained": int(p == ABSTAIN),
+        }
+        for index, y, p, r, c in zip(indices, labels.tolist(), prediction.tolist(), radius, correct)
+    ]
+    device = images.device
+    check = empirical_check(defense, classifier, images, labels, correct.to(device), radius.to(device), args)
+    forwards = len(labels) * (args.selection_draws + args.estimation_draws)
+    summary = {
+        "defense": label,
+        "spec": defense.spec(),
+        "sigma": defense.sigma,
+        "certified_accuracy": {str(at): certified_accuracy(correct, radius, at) for at in TABLE_RADII},
+        "abstained": (prediction == ABSTAIN).double().mean().item(),
+        "seconds": round(seconds, 3),
+        "forward_passes_per_s": round(forwards / seconds, 1),
+        "empirical_check": check,
+        "curve": curve(correct, radius),
+    }
+    return rows, summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     environment = environment_meta()
@@ -177,51 +218,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress = tqdm(total=len(labels) * len(defenses), unit="img", disable=args.no_progress, file=sys.stderr)
     per_image, summaries = [], []
     for defense in defenses:
-        prediction, radius, seconds = certify_defense(defense, classifier, images, args, progress)
-        correct = prediction == labels.cpu()
-        label = describe(defense.spec())
-        per_image += [
-            {
-                "defense": label,
-                "index": index,
-                "label": int(y),
-                "prediction": int(p),
-                "radius": round(float(r), 6),
-                "correct": int(c),
-                "abstained": int(p == ABSTAIN),
-            }
-            for index, y, p, r, c in zip(record["indices"], labels.tolist(), prediction.tolist(), radius, correct)
-        ]
-        check = empirical_check(defense, classifier, images, labels, correct.to(device), radius.to(device), args)
-        forwards = len(labels) * (args.selection_draws + args.estimation_draws)
-        summaries.append(
-            {
-                "defense": label,
-                "spec": defense.spec(),
-                "sigma": defense.sigma,
-                "certified_accuracy": {str(at): certified_accuracy(correct, radius, at) for at in TABLE_RADII},
-                "abstained": (prediction == ABSTAIN).double().mean().item(),
-                "seconds": round(seconds, 3),
-                "forward_passes_per_s": round(forwards / seconds, 1),
-                "empirical_check": check,
-                "curve": curve(correct, radius),
-            }
-        )
+        rows, summary = certify_and_check(defense, classifier, images, labels, record["indices"], args, progress)
+        per_image += rows
+        summaries.append(summary)
     progress.close()
     results = {
         "format": RESULTS_FORMAT,
         "version": 1,
         "meta": {
-            "command": " ".join(["python", "certify.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **environment,
-            "device": device_name(device),
-            "classifier": args.classifier,
-            "classifier_sha256": file_sha256(args.classifier)[:16],
-            "data": args.data,
-            "n": len(labels),
-            "seed": args.seed,
-            "index_hash": record["hash"],
+            **run_meta("certify.py", argv, environment, device, args, record),
             "selection_draws": args.selection_draws,
             "estimation_draws": args.estimation_draws,
             "alpha": args.alpha,
@@ -245,14 +250,6 @@ def curve(correct: Tensor, radius: Tensor, step: float = 0.05) -> list[tuple[flo
     """(radius, certified accuracy) from 0 to past the largest certified radius, every `step`."""
     top = float(radius.max()) if len(radius) else 0.0
     return [(round(at, 4), certified_accuracy(correct, radius, at)) for at in np.arange(0, top + 2 * step, step)]
-
-
-def _csv(records: list[dict[str, Any]]) -> bytes:
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=list(records[0]))
-    writer.writeheader()
-    writer.writerows(records)
-    return stream.getvalue().encode()
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -315,8 +312,8 @@ def write_certification(out: Path, results: dict[str, Any], per_image: list[dict
         for summary in results["defenses"]
         for at, accuracy in summary["curve"]
     ]
-    atomic_write_bytes(_csv(per_image), out / "certify.csv")
-    atomic_write_bytes(_csv(curves), out / "curve.csv")
+    atomic_write_bytes(csv_text(per_image).encode(), out / "certify.csv")
+    atomic_write_bytes(csv_text(curves).encode(), out / "curve.csv")
     atomic_write_bytes(json.dumps(results, indent=1).encode(), out / "results.json")
     atomic_write_bytes(_markdown(results).encode(), out / "results.md")
     atomic_write_bytes(_curve_png(results["defenses"]), out / "curve.png")

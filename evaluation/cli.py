@@ -152,6 +152,31 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def run_meta(
+    script: str,
+    argv: list[str] | None,
+    environment: dict[str, str],
+    device: torch.device,
+    args: argparse.Namespace,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """What every results file of eval.py and certify.py records first: the command, the date, the code,
+    the device, the classifier and the images (data set, count, seed and the index list's hash)."""
+    return {
+        "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **environment,
+        "device": device_name(device),
+        "classifier": args.classifier,
+        "classifier_sha256": file_sha256(args.classifier)[:16],
+        "data": args.data,
+        "data_root": args.data_root,
+        "n": len(record["indices"]),
+        "seed": args.seed,
+        "index_hash": record["hash"],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
@@ -189,18 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "format": RESULTS_FORMAT,
         "version": 1,
         "meta": {
-            "command": " ".join(["python", "eval.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **environment,
-            "device": device_name(device),
-            "classifier": args.classifier,
-            "classifier_sha256": file_sha256(args.classifier)[:16],
+            **run_meta("eval.py", argv, environment, device, args, record),
             "transfer_from": args.transfer_from,
-            "data": args.data,
-            "data_root": args.data_root,
-            "n": len(labels),
-            "seed": args.seed,
-            "index_hash": record["hash"],
             "norm": args.norm,
             "eot": args.eot,
             "eval_draws": args.eval_draws,

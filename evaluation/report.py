@@ -159,7 +159,7 @@ def sanity_warnings(rows: list[Row], large_eps_rows: list[Row], zero_gradients: 
     return warnings
 
 
-def _csv_text(records: list[dict[str, Any]]) -> str:
+def csv_text(records: list[dict[str, Any]]) -> str:
     stream = io.StringIO()
     writer = csv.DictWriter(stream, fieldnames=list(records[0]))
     writer.writeheader()
@@ -291,7 +291,7 @@ def write_results(out: Path, results: dict[str, Any], rows: list[Row], grid_png:
     """Write every results file of one evaluation into `out` (atomically, one by one)."""
     written = [
         atomic_write_bytes(json.dumps(results, indent=1).encode(), out / "results.json"),
-        atomic_write_bytes(_csv_text(results["rows"]).encode(), out / "results.csv"),
+        atomic_write_bytes(csv_text(results["rows"]).encode(), out / "results.csv"),
         atomic_write_bytes(_markdown(results).encode(), out / "results.md"),
         atomic_write_bytes(_eps_plot(rows), out / "eps_accuracy.png"),
     ]
