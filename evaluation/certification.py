@@ -293,7 +293,13 @@ def _curve_png(summaries: list[dict[str, Any]]) -> bytes:
     figure, axes = plt.subplots(figsize=(5.5, 3.8))
     for summary in summaries:
         radii, accuracy = zip(*summary["curve"])
-        axes.plot(radii, [100 * value for value in accuracy], label=summary["defense"])
+        name = summary["spec"]["name"]  # the classifier alone dashed, behind a denoiser solid
+        axes.plot(
+            radii,
+            [100 * value for value in accuracy],
+            linestyle="--" if name == "smoothing" else "-",
+            label=f"{name}, sigma {summary['sigma']}",
+        )
     axes.set_xlabel("L2 radius")
     axes.set_ylabel("certified accuracy (%)")
     axes.set_ylim(0, 100)
