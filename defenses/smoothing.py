@@ -138,7 +138,7 @@ class GaussianSmoothing(Defense):
         self.network = network
 
     def spec(self) -> dict[str, Any]:
-        name = "smoothing" if self.network is None else "denoised_smoothing"
+        name = "smoothing" if self.network is None else "denoiser"  # a restorer's defense is named by its kind
         return {"name": name, "sigma": self.sigma, "draws": self.draws, "alpha": self.alpha, "batch": self.batch}
 
     def denoise(self, noisy: Tensor) -> Tensor:

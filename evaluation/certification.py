@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from attacks import GradientAttack
-from defenses import describe
 from defenses.smoothing import ABSTAIN, GaussianSmoothing, SoftSmoothedClassifier
 from engine.export import atomic_write_bytes, environment_meta
 from engine.seeding import seeded_generator
@@ -92,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def smoothing_defenses(defenses: list[nn.Module], texts: list[str], batch: int) -> list[GaussianSmoothing]:
-    """The defenses, each a GaussianSmoothing voting `batch` noisy images per pass; anything else refused."""
+def smoothing_defenses(defenses: list[nn.Module], texts: list[str], batch: int) -> list[tuple[str, GaussianSmoothing]]:
+    """(its --defense argument, the defense) for each, a GaussianSmoothing voting `batch` noisy images per
+    pass; anything else refused. Results name a defense by its argument: two denoiser exports share a spec."""
     for defense, text in zip(defenses, texts):
         if not isinstance(defense, GaussianSmoothing):
             raise SystemExit(
@@ -101,7 +101,7 @@ def smoothing_defenses(defenses: list[nn.Module], texts: list[str], batch: int) 
                 "(python train.py fit --config configs/denoiser_shapes.yaml) or smoothing:sigma=<sigma>"
             )
         defense.batch = batch
-    return defenses
+    return list(zip(texts, defenses))
 
 
 def image_chunks(count: int, args: argparse.Namespace) -> list[slice]:
@@ -111,10 +111,15 @@ def image_chunks(count: int, args: argparse.Namespace) -> list[slice]:
 
 
 def certify_defense(
-    defense: GaussianSmoothing, classifier: nn.Module, images: Tensor, args: argparse.Namespace, progress: tqdm
+    label: str,
+    defense: GaussianSmoothing,
+    classifier: nn.Module,
+    images: Tensor,
+    args: argparse.Namespace,
+    progress: tqdm,
 ) -> tuple[Tensor, Tensor, float]:
     """(prediction (N,) int64 with ABSTAIN, certified radius (N,) float64, seconds) for every image."""
-    smoothing, label = defense.smoothing(classifier), describe(defense.spec())
+    smoothing = defense.smoothing(classifier)
     predictions, radii, started = [], [], time.perf_counter()
     for index, chunk in enumerate(image_chunks(len(images), args)):
         generator = seeded_generator(images.device, args.seed, text_key("certify", label), index)
@@ -133,6 +138,7 @@ def certified_accuracy(correct: Tensor, radius: Tensor, at: float) -> float:
 
 
 def empirical_check(
+    label: str,
     defense: GaussianSmoothing,
     classifier: nn.Module,
     images: Tensor,
@@ -143,7 +149,7 @@ def empirical_check(
 ) -> list[dict[str, Any]]:
     """Per checked radius r: SmoothAdv PGD at L2 r on the images certified correct beyond r, then
     PREDICT on them; counts of images kept, abstained and flipped (a flip contradicts the certificate)."""
-    rows, label = [], describe(defense.spec())
+    rows = []
     smoothing = defense.smoothing(classifier)
     for at in [float(text) for text in args.check_radii.split(",") if text.strip()]:
         chosen = torch.nonzero(correct & (radius > at)).squeeze(1).to(images.device)
@@ -164,6 +170,7 @@ def empirical_check(
 
 
 def certify_and_check(
+    label: str,
     defense: GaussianSmoothing,
     classifier: nn.Module,
     images: Tensor,
@@ -173,9 +180,8 @@ def certify_and_check(
     progress: tqdm,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One defense: (a certify.csv line per image, its summary: the table, curve, check and speed)."""
-    prediction, radius, seconds = certify_defense(defense, classifier, images, args, progress)
+    prediction, radius, seconds = certify_defense(label, defense, classifier, images, args, progress)
     correct = prediction == labels.cpu()
-    label = describe(defense.spec())
     rows = [
         {
             "defense": label,
@@ -189,7 +195,7 @@ def certify_and_check(
         for index, y, p, r, c in zip(indices, labels.tolist(), prediction.tolist(), radius, correct)
     ]
     device = images.device
-    check = empirical_check(defense, classifier, images, labels, correct.to(device), radius.to(device), args)
+    check = empirical_check(label, defense, classifier, images, labels, correct.to(device), radius.to(device), args)
     forwards = len(labels) * (args.selection_draws + args.estimation_draws)
     summary = {
         "defense": label,
@@ -217,8 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     progress = tqdm(total=len(labels) * len(defenses), unit="img", disable=args.no_progress, file=sys.stderr)
     per_image, summaries = [], []
-    for defense in defenses:
-        rows, summary = certify_and_check(defense, classifier, images, labels, record["indices"], args, progress)
+    for label, defense in defenses:
+        rows, summary = certify_and_check(label, defense, classifier, images, labels, record["indices"], args, progress)
         per_image += rows
         summaries.append(summary)
     progress.close()
@@ -298,7 +304,7 @@ def _curve_png(summaries: list[dict[str, Any]]) -> bytes:
             radii,
             [100 * value for value in accuracy],
             linestyle="--" if name == "smoothing" else "-",
-            label=f"{name}, sigma {summary['sigma']}",
+            label=f"{summary['defense']} (sigma {summary['sigma']})",
         )
     axes.set_xlabel("L2 radius")
     axes.set_ylabel("certified accuracy (%)")

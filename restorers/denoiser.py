@@ -63,7 +63,7 @@ class DenoiserRestorer(RestorerModule):
         classifier: str,
         sigma: float = 0.25,
         arch: dict[str, Any] | None = None,
-        predict_draws: int = 1000,
+        predict_draws: int = 100,
         predict_alpha: float = 0.001,
         batch: int = 1000,
         init_from: str | None = None,

@@ -224,7 +224,7 @@ def test_denoiser_trains_exports_and_is_certified(shapes_victim: Path, tmp_path:
         "curve.png",
     }
     rows = list(csv.DictReader((out / "certify.csv").open()))
-    assert len(rows) == 40 and {row["defense"].split("(")[0] for row in rows} == {"denoised_smoothing", "smoothing"}
+    assert len(rows) == 40 and {row["defense"] for row in rows} == {str(export), "smoothing:sigma=0.25"}
     for summary in results["defenses"]:
         curve = [accuracy for _, accuracy in summary["curve"]]
         assert curve == sorted(curve, reverse=True)  # certified accuracy never rises with the radius
