@@ -50,6 +50,22 @@ def binomial_two_sided_p(top: np.ndarray | Tensor, runner_up: np.ndarray | Tenso
     return np.minimum(1.0, 2 * stats.binom.cdf(np.minimum(top, runner_up), top + runner_up, 0.5))
 
 
+def noisy_copies(x: Tensor, copies: int, sigma: float, generator: torch.Generator) -> Tensor:
+    """x (B,C,H,W) -> (B * copies, C,H,W): each image `copies` times plus fresh N(0, sigma^2) noise,
+    image-major (the copies of image 0 first); not clamped."""
+    noise = torch.randn((len(x), copies, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    return (x[:, None] + sigma * noise).flatten(0, 1)
+
+
+def predict_from_counts(counts: Tensor, alpha: float) -> Tensor:
+    """PREDICT's decision from vote counts (B,K): (B,) int64, the top class, or ABSTAIN where the two-sided
+    binomial test between the two top classes cannot reject a tie at alpha."""
+    top_two = counts.topk(2, dim=1)
+    values = top_two.values.cpu().numpy()
+    sure = torch.from_numpy(binomial_two_sided_p(values[:, 0], values[:, 1]) <= alpha).to(counts.device)
+    return torch.where(sure, top_two.indices[:, 0], ABSTAIN)
+
+
 class Smoothing:
     """Monte-Carlo randomized smoothing of `base` (a callable: images (N,C,H,W) -> logits (N,K)).
 
@@ -77,9 +93,8 @@ class Smoothing:
         totals: Tensor | None = None
         for done in range(0, draws, per_pass):
             count = min(per_pass, draws - done)
-            noise = torch.randn((len(x), count, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
             with torch.no_grad():
-                logits = self.base((x[:, None] + self.sigma * noise).flatten(0, 1))
+                logits = self.base(noisy_copies(x, count, self.sigma, generator))
             votes = F.one_hot(logits.argmax(1).view(len(x), count), logits.shape[1]).sum(1)
             totals = votes if totals is None else totals + votes
         assert totals is not None, "draws >= 1"
@@ -88,10 +103,7 @@ class Smoothing:
     def predict(self, x: Tensor, draws: int, alpha: float, generator: torch.Generator) -> Tensor:
         """Cohen et al.'s PREDICT for each image of x (B,C,H,W): (B,) int64, the top class of `draws`
         noisy votes, or ABSTAIN where the binomial test cannot tell it from the runner-up at alpha."""
-        top_two = self.counts(x, draws, generator).topk(2, dim=1)
-        counts = top_two.values.cpu().numpy()
-        sure = torch.from_numpy(binomial_two_sided_p(counts[:, 0], counts[:, 1]) <= alpha).to(x.device)
-        return torch.where(sure, top_two.indices[:, 0], ABSTAIN)
+        return predict_from_counts(self.counts(x, draws, generator), alpha)
 
     def certify(
         self, x: Tensor, selection_draws: int, estimation_draws: int, alpha: float, generator: torch.Generator
@@ -169,8 +181,8 @@ class SmoothedPrediction(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         smoothing = self.defense.smoothing(self.classifier)
-        prediction = smoothing.predict(x, self.defense.draws, self.defense.alpha, self.defense.generator(x.device))
-        classes = int(self.classifier(x[:1]).shape[1])
+        counts = smoothing.counts(x, self.defense.draws, self.defense.generator(x.device))
+        prediction, classes = predict_from_counts(counts, self.defense.alpha), counts.shape[1]
         return F.one_hot(torch.where(prediction == ABSTAIN, classes, prediction), classes + 1).float()
 
 
@@ -192,8 +204,6 @@ class SoftSmoothedClassifier(nn.Module):
         self.generator = generator
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (len(x), self.draws, *x.shape[1:])
-        noise = torch.randn(shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        noisy = (x[:, None] + self.defense.sigma * noise).flatten(0, 1)
+        noisy = noisy_copies(x, self.draws, self.defense.sigma, self.generator)
         log_probs = F.log_softmax(self.classifier(self.defense.denoise(noisy)).float(), 1).view(len(x), self.draws, -1)
         return torch.logsumexp(log_probs, dim=1) - math.log(self.draws)
