@@ -5,6 +5,7 @@
   its defense in eval.py);
 - every defense spec and every restorer kind through every threat model that applies, on a few
   images (EOT, BPDA, transfer, black-box), and the library attacks (pyautoattack, foolbox) on CUDA;
+- certify.py (randomized smoothing's counts, CERTIFY and the empirical check) on the device in bf16;
 - the device regressions: JPEG the same on the device, the CAM head under bf16 autocast, CII's training step in bf16;
 - resume of a restorer run on the device; 16-mixed beside the configs' bf16-mixed, and the
   training attack no weaker under fp16 autocast than in fp32.
@@ -32,6 +33,7 @@ from classifiers import load_classifier
 from defenses import Jpeg, make_defense
 from defenses.cam import locate_cam_layers
 from engine.cli import RestorationCLI
+from evaluation import certification as certify_cli
 from evaluation import cli as evaluator_cli
 from tests.conftest import QUIET, REPO_ROOT, gpu_tier_device, run_dirs, run_script, torch_flags_kept
 from tests.data_files import accept_written_files, cifar_subset_tree, shapes_split, write_data_set
@@ -243,6 +245,7 @@ BASELINES = [
     "srd",
     "cii",
     "dip:iterations=40,record_every=10,warmup_records=1",
+    "smoothing:sigma=0.25,draws=50",
 ]
 
 
@@ -300,6 +303,48 @@ def test_every_defense_runs_through_every_threat_model_on_the_device(tier: Tier,
         assert {"clean", "gray-box", "bpda", "transfer"} <= threats, (defense, threats)
     randomized = [row for row in results["rows"] if row["draws"] == 2 and row["threat"] in ("white-box", "bpda")]
     assert all(row["eot"] == 2 for row in randomized)
+
+
+def test_certify_runs_on_the_device_in_bf16_and_no_certified_image_flips(tier: Tier, tmp_path: Path):
+    """certify.py with its counts on the device and the classifier under bf16 autocast: the denoiser of
+    the shapes config and the victim alone, with the empirical check (SmoothAdv on the device)."""
+    denoiser = tier.export(REPO_ROOT / "configs" / "denoiser_shapes_stability.yaml")
+    results = certify_cli.main(
+        [
+            "--classifier",
+            str(tier.victim_for("datamodules.Shapes")),
+            "--defense",
+            str(denoiser),
+            "smoothing:sigma=0.25",
+            "--n",
+            "20",
+            "--selection-draws",
+            "20",
+            "--estimation-draws",
+            "500",
+            "--batch",
+            "2000",
+            "--check-radii",
+            "0.05",
+            "--check-steps",
+            "3",
+            "--check-prediction-draws",
+            "500",
+            "--precision",
+            "bf16" if tier.device.type == "cuda" else "32",
+            "--device",
+            tier.device.type,
+            "--out",
+            str(tmp_path / "certify"),
+            "--no-progress",
+        ]
+    )
+    if tier.device.type == "cuda":
+        assert results["meta"]["device"] == torch.cuda.get_device_name()
+    for summary in results["defenses"]:
+        curve = [accuracy for _, accuracy in summary["curve"]]
+        assert curve == sorted(curve, reverse=True) and 0 <= curve[0] <= 1
+        assert all(row["flipped"] == 0 for row in summary["empirical_check"]), summary["empirical_check"]
 
 
 def test_library_attacks_run_on_the_device(tier: Tier, tmp_path: Path):
