@@ -3,7 +3,7 @@
 from defenses.base import DefendedClassifier, Defense, describe
 from defenses.cii import CIIDefence, Inpainter, TeleaInpainter
 from defenses.dip import DipDefense
-from defenses.factory import DEFENSES, build_defense, make_defense, parse_spec
+from defenses.factory import DEFENSES, build_defense, make_defense, make_defenses, parse_spec
 from defenses.randomization import StructuredRandomization, circular_shift
 from defenses.smoothing import GaussianSmoothing, Smoothing
 from defenses.transforms import BicubicDownUp, BitDepth, Identity, Jpeg, MedianFilter, RandomResizePad
@@ -31,6 +31,7 @@ __all__ = [
     "build_defense",
     "describe",
     "make_defense",
+    "make_defenses",
     "parse_spec",
     "wavelet_denoise",
 ]

@@ -39,6 +39,17 @@ class Defense(nn.Module):
         super().__init__()
         self._seed_keys: tuple[int, ...] = (0,)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._label: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How results name this defense: its spec as one token, unless the run that loaded it gave it a
+        longer name (two exports of one kind and the same settings differ only in their weights)."""
+        return self._label or describe(self.spec())
+
+    @label.setter
+    def label(self, text: str) -> None:
+        self._label = text
 
     def spec(self) -> dict[str, Any]:
         """What rebuilds this defense by name: {"name": ..., **constructor arguments}."""

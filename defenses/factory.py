@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from defenses.base import Defense
+from defenses.base import Defense, describe
 from defenses.cii import CIIDefence
 from defenses.dip import DipDefense
 from defenses.randomization import StructuredRandomization
@@ -88,6 +88,22 @@ def load_exported_defense(path: str | Path, classifier: nn.Module | None = None)
     from restorers.export import defense_from_file
 
     return defense_from_file(path, classifier)
+
+
+def make_defenses(texts: list[str], classifier: nn.Module | None = None) -> list[Defense]:
+    """The defenses of one run, each with a label no other shares: its spec as one token, and where two
+    specs read the same (two exports of one kind and the same settings), '@' and the file's name after it
+    (its whole path where two names are alike too)."""
+    repeated = sorted({text for text in texts if texts.count(text) > 1})
+    if repeated:
+        raise ValueError(f"--defense lists {repeated} more than once; give each defense once")
+    defenses = [make_defense(text, classifier) for text in texts]
+    for suffix in (lambda text: Path(text).name, str):
+        labels = [defense.label for defense in defenses]
+        for text, defense in zip(texts, defenses):
+            if labels.count(defense.label) > 1:
+                defense.label = f"{describe(defense.spec())}@{suffix(text)}"
+    return defenses
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:

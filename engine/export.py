@@ -168,6 +168,13 @@ def git_commit() -> str:
     return (commit or "unknown") + ("+dirty" if dirty else "")
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads torch uses (what results and benchmarks record)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def environment_meta() -> dict[str, str]:
     import pytorch_lightning
 

@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import inspect
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from attacks.registry import RECIPES, parse_attack
 from classifiers import load_classifier
 from datamodules import data_module_class, data_set_names
 from datamodules.subset import balanced_indices
-from defenses import Defense, make_defense
-from engine.export import atomic_write_bytes, environment_meta, file_sha256
+from defenses import Defense, make_defenses
+from engine.export import atomic_write_bytes, device_name, environment_meta, file_sha256
 from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
 from evaluation.runner import AutocastLogits, Evaluator, parse_eps, run_rows, sanity_rows, zero_gradient_shares
 from evaluation.subset import index_record, read_index_record
@@ -134,7 +133,7 @@ def load_models(
 
     classifier = classifier_from(args.classifier)
     source = classifier_from(args.transfer_from) if args.transfer_from else None
-    defenses = [make_defense(text, classifier).to(device).eval() for text in args.defense]
+    defenses = [defense.to(device).eval() for defense in make_defenses(args.defense, classifier)]
     probe = torch.zeros(1, channels, 8, 8, device=device)
     try:
         with torch.no_grad():
@@ -144,12 +143,6 @@ def load_models(
             f"error: the classifier does not take {channels}-channel images of this data set ({mismatch})"
         ) from mismatch
     return classifier, source, defenses
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run_meta(
@@ -212,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = {
         "format": RESULTS_FORMAT,
-        "version": 1,
+        "version": 2,  # 2: meta.defenses holds {label, argument, spec} (labels unique within a run)
         "meta": {
             **run_meta("eval.py", argv, environment, device, args, record),
             "transfer_from": args.transfer_from,
@@ -222,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "precision": args.precision,
             "batch_size": args.batch_size,
             "sanity_images": args.sanity_images,
-            "defenses": [defense.spec() for defense in defenses],
+            "defenses": [
+                {"label": defense.label, "argument": text, "spec": defense.spec()}
+                for text, defense in zip(args.defense, defenses)
+            ],
         },
         "threat_models": {name: threat.description for name, threat in THREATS.items()},
         "rows": [row.record() for row in rows],

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from attacks.registry import parse_attack
-from defenses.base import Defense, describe
+from defenses.base import Defense
 from engine.export import atomic_write_bytes
 from evaluation.runner import Evaluator, Row
 
@@ -279,7 +279,7 @@ def pick_example_row(rows: list[Row]) -> Row | None:
 
 def example_png(evaluator: Evaluator, row: Row, defenses: list[Defense]) -> bytes:
     """clean / adversarial / restored / amplified difference of the row's example images."""
-    by_label = {describe(defense.spec()): defense for defense in defenses}
+    by_label = {defense.label: defense for defense in defenses}
     adversarial = row.examples.to(evaluator.images.device)
     with torch.no_grad():
         restored = by_label[row.defense](adversarial) if row.defense in by_label else adversarial

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defenses.base import describe
 from engine.export import PROJECT_ROOT, atomic_write_bytes
 
 RESTORERS = ("sr", "rain", "trn", "cii")
@@ -359,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         stages,
     )
-    labels = {label: text for text, label in zip(defenses, (describe(spec) for spec in evaluation["meta"]["defenses"]))}
+    labels = {defense["label"]: defense["argument"] for defense in evaluation["meta"]["defenses"]}
     autoattack = {}
     for rank, (label, threat, _) in enumerate(adaptive_ranking(evaluation)[:2]):
         autoattack[label] = evaluate(

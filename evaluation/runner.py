@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from attacks.gradient import input_gradient
 from attacks.registry import AttackSettings, parse_attack
 from datamodules.subset import classes_in_turn
-from defenses.base import Defense, describe
+from defenses.base import Defense
 from defenses.transforms import Identity
 from engine.seeding import seeded_generator
 from evaluation.threats import THREATS, ThreatModel, attacked_model, scored_model, skip_reason
@@ -172,7 +172,7 @@ class Evaluator:
         attack_seconds: float,
     ) -> Row:
         """Score the adversarial batches; seconds = the attack's time plus the scoring's."""
-        started, label = time.perf_counter(), describe(defense.spec()) if defense else "none"
+        started, label = time.perf_counter(), defense.label if defense else "none"
         row_key = text_key("score", label, threat, attack, settings.norm, settings.eps)
         scores = [
             self._score(scorer, defense, x_adv, y, (self.seed, row_key, index))
@@ -222,7 +222,7 @@ class Evaluator:
     ) -> Row | Skipped:
         """One row: `attack` (a registry name) at `eps` in `norm` under `threat`."""
         family, recipe, steps, restarts = parse_attack(attack)
-        label = describe(defense.spec()) if threat.defended else "none"
+        label = defense.label if threat.defended else "none"
         reason = skip_reason(threat, recipe, defense, self.source is not None)
         if reason is None and norm not in recipe.norms:
             reason = f"{family} is defined for {'/'.join(recipe.norms)} only"
@@ -319,5 +319,5 @@ def zero_gradient_shares(evaluator: Evaluator, defenses: list[Defense], threats:
     for defense in defenses:
         for threat in threats:
             if threat.through_defense and not threat.queries_only and (defense.differentiable or threat.name == "bpda"):
-                shares[f"{describe(defense.spec())} / {threat.name}"] = evaluator.zero_gradient_share(defense, threat)
+                shares[f"{defense.label} / {threat.name}"] = evaluator.zero_gradient_share(defense, threat)
     return shares

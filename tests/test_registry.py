@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from classifiers import load_classifier
-from defenses import make_defense
+from defenses import make_defense, make_defenses
 from engine.cli import RestorationCLI
 from engine.export import atomic_save
 from evaluation import cli as evaluator_cli
@@ -89,7 +89,50 @@ def test_every_kind_loads_in_eval(shapes_victim: Path, tmp_path: Path):
             "--no-progress",
         ]
     )
-    assert {spec["name"] for spec in results["meta"]["defenses"]} == set(KINDS)
+    assert {defense["spec"]["name"] for defense in results["meta"]["defenses"]} == set(KINDS)
+
+
+def test_two_exports_of_one_kind_and_settings_keep_their_own_rows(shapes_victim: Path, tmp_path: Path):
+    """Two exports that differ only in their weights: each gets its own label (the file's name after
+    '@'), its own rows and worst case, and the numbers it gets when evaluated alone."""
+    exports = []
+    for name, seed in (("first", 1), ("second", 2)):
+        module = restorer_class("sr")(classifier=str(shapes_victim))
+        torch.manual_seed(seed)
+        for parameter in module.restorer.parameters():
+            nn.init.normal_(parameter, std=0.05)
+        exports.append(str(atomic_save(module.to_export({}), tmp_path / name / "sr.pt")))
+
+    def evaluate(out: str, *defenses: str) -> dict[str, Any]:
+        arguments = ["--attacks", "fgsm", "--threats", "gray-box,white-box", "--n", "20", "--sanity-images", "0"]
+        command = ["--classifier", str(shapes_victim), "--data", "shapes", "--defense", *defenses, *arguments]
+        return evaluator_cli.main([*command, "--out", str(tmp_path / out), "--no-progress"])
+
+    both = evaluate("both", *exports)
+    labels = [defense["label"] for defense in both["meta"]["defenses"]]
+    assert len(set(labels)) == 2 and all(exports[0] in label or exports[1] in label for label in labels)
+    for label, export in zip(labels, exports):
+        alone = evaluate(f"alone_{Path(export).parent.name}", export)
+        mine = [row for row in both["rows"] if row["defense"] == label]
+        theirs = [row for row in alone["rows"] if row["defense"] == alone["meta"]["defenses"][0]["label"]]
+        assert [(row["threat"], row["accuracy"]) for row in mine] == [
+            (row["threat"], row["accuracy"]) for row in theirs
+        ]
+        assert len(mine) == 3  # clean, gray-box, white-box
+    assert {entry["name"] for entry in both["worst_case"]} == set(labels)
+
+
+def test_defenses_that_read_alike_are_told_apart_by_their_file_name_and_a_repeat_is_refused(tmp_path: Path):
+    spec_file = tmp_path / "jpeg75.yaml"
+    spec_file.write_text("name: jpeg\nquality: 75\n")
+    defenses = make_defenses(["jpeg:quality=75", str(spec_file), "jpeg:quality=50"])
+    assert [defense.label for defense in defenses] == [
+        "jpeg(quality=75)@jpeg:quality=75",
+        "jpeg(quality=75)@jpeg75.yaml",
+        "jpeg(quality=50)",
+    ]
+    with pytest.raises(ValueError, match="more than once"):
+        make_defenses(["jpeg:quality=75", "median:kernel=3", "jpeg:quality=75"])
 
 
 class _Incomplete(RestorerModule):
