@@ -13,8 +13,6 @@ synchronization only at the two ends of each timed span.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections.abc import Callable
 
 import torch
@@ -22,18 +20,12 @@ import torch
 from classifiers import load_classifier
 from datamodules import data_set_names
 from defenses import make_defense
-from engine.export import environment_meta
+from engine.benchmarking import emit, timed
 from evaluation.cli import load_subset, resolve_device
 
 
-def timed(device: torch.device, run: Callable[[], object]) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+def timed_once(device: torch.device, run: Callable[[], object]) -> float:
+    return timed(lambda _: run(), 1, 0, device)
 
 
 def main() -> None:
@@ -52,23 +44,17 @@ def main() -> None:
     defense = make_defense(args.defense, load_classifier(args.classifier).to(device)).to(device).eval()
     defense.reseed(0)
     defense(x[: min(4, len(x))])  # warm-up: kernels, allocator
-    batched = timed(device, lambda: defense(x))
-    single = timed(device, lambda: [defense(x[i : i + 1]) for i in range(args.single)])
-    print(
-        json.dumps(
-            {
-                "benchmark": "dip_throughput",
-                "defense": defense.spec(),
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "batch": len(x),
-                "single": args.single,
-                "batched_s_per_image": round(batched / len(x), 4),
-                "single_s_per_image": round(single / args.single, 4),
-                "speedup": round((single / args.single) / (batched / len(x)), 2),
-                **environment_meta(),
-            }
-        )
+    batched = timed_once(device, lambda: defense(x))
+    single = timed_once(device, lambda: [defense(x[i : i + 1]) for i in range(args.single)])
+    emit(
+        "dip_throughput",
+        device,
+        defense=defense.spec(),
+        batch=len(x),
+        single=args.single,
+        batched_s_per_image=round(batched / len(x), 4),
+        single_s_per_image=round(single / args.single, 4),
+        speedup=round((single / args.single) / (batched / len(x)), 2),
     )
 
 

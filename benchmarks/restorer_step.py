@@ -16,32 +16,14 @@ device is synchronized only at the ends of each loop. pair_share = pair time / s
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 
+from engine.benchmarking import emit, timed
 from engine.cli import RestorationCLI
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def synchronize(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def timed(run: Callable[[int], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of run(step) after `warmup` untimed ones."""
-    for step in range(warmup):
-        run(step)
-    started = synchronize(device)
-    for step in range(warmup, warmup + steps):
-        run(step)
-    return synchronize(device) - started
 
 
 def main() -> None:
@@ -78,22 +60,17 @@ def main() -> None:
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no trainer: the step's logging is a no-op
         pair_seconds = timed(pair, args.steps, args.warmup, device)
         step_seconds = timed(step, args.steps, args.warmup, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        json.dumps(
-            {
-                "benchmark": "restorer_step",
-                "config": args.config,
-                "restorer": type(module).__name__,
-                "device": name,
-                "precision": precision,
-                "batch": args.batch,
-                "steps": args.steps,
-                "train_img_per_s": round(args.steps * args.batch / step_seconds, 1),
-                "pair_img_per_s": round(args.steps * args.batch / pair_seconds, 1),
-                "pair_share": round(pair_seconds / step_seconds, 3),
-            }
-        )
+    emit(
+        "restorer_step",
+        device,
+        config=args.config,
+        restorer=type(module).__name__,
+        precision=precision,
+        batch=args.batch,
+        steps=args.steps,
+        train_img_per_s=round(args.steps * args.batch / step_seconds, 1),
+        pair_img_per_s=round(args.steps * args.batch / pair_seconds, 1),
+        pair_share=round(pair_seconds / step_seconds, 3),
     )
 
 

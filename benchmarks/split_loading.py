@@ -10,13 +10,15 @@ The cache folder <root>/.decoded/ is moved aside for the decoding measurement an
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from datamodules import CIFAR10
+from engine.benchmarking import emit
 
 
 def timed_load(root: Path, split: str) -> tuple[float, int]:
@@ -37,17 +39,14 @@ def main() -> None:
         try:
             for mode in ("decode", "cached"):  # the first load writes the cache the second reads
                 seconds, count = timed_load(root, args.split)
-                print(
-                    json.dumps(
-                        {
-                            "benchmark": "split_loading",
-                            "mode": mode,
-                            "split": args.split,
-                            "images": count,
-                            "seconds": round(seconds, 2),
-                            "img_per_s": round(count / seconds, 1),
-                        }
-                    )
+                emit(
+                    "split_loading",
+                    torch.device("cpu"),
+                    mode=mode,
+                    split=args.split,
+                    images=count,
+                    seconds=round(seconds, 2),
+                    img_per_s=round(count / seconds, 1),
                 )
         finally:
             shutil.rmtree(cache, ignore_errors=True)

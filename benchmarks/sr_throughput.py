@@ -12,23 +12,16 @@ device synchronization only at the two ends of the timed span.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from engine.benchmarking import emit, synchronize
 from engine.callbacks import ChannelsLast
 from restorers.edsr import build_edsr
 from restorers.sr import SuperResolutionRestorer, bicubic_resize
-
-
-def synchronize(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def plain_loop(args: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
@@ -105,19 +98,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.rand(args.batch, 3, 2 * args.lr_size, 2 * args.lr_size, device=device)
     plain, lightning = plain_loop(args, device, x), lightning_run(args, device, x)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        json.dumps(
-            {
-                "benchmark": "sr_throughput",
-                "device": name,
-                "preset": args.preset,
-                "batch": args.batch,
-                "lr_size": args.lr_size,
-                "plain_img_per_s": round(plain, 1),
-                "lightning_img_per_s": round(lightning, 1),
-            }
-        )
+    emit(
+        "sr_throughput",
+        device,
+        preset=args.preset,
+        batch=args.batch,
+        lr_size=args.lr_size,
+        plain_img_per_s=round(plain, 1),
+        lightning_img_per_s=round(lightning, 1),
+        lightning_over_plain=round(lightning / plain, 3),
     )
 
 
