@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
+    parser.add_argument(
+        "--compile", action="store_true", help="eval.py's --compile (the plain loop uses the same model)"
+    )
     parser.add_argument("--device", default="auto")
     parser.set_defaults(seed=0, indices=None, transfer_from=None, defense=[])
     args = parser.parse_args()
@@ -92,6 +95,7 @@ def main() -> None:
         attack=attack,
         eps=eps_label,
         precision=args.precision,
+        compile=args.compile,
         eval_img_per_s=round(len(x) / eval_seconds, 1),
         plain_img_per_s=round(len(x) / plain_seconds, 1),
         eval_over_plain=round(plain_seconds / eval_seconds, 3),

@@ -76,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check-prediction-draws", type=int, default=10_000, help="PREDICT's draws on the attacked images"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", default="32", choices=["32", "bf16"], help="the classifier's forward precision")
+    parser.add_argument(
+        "--precision",
+        default="32",
+        choices=["32", "bf16"],
+        help="forward precision of the classifier and of the denoiser (counts and radii are computed in fp32)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the classifier and the denoiser")
     parser.add_argument("--out", required=True, help="results folder; refused if it holds files unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -238,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "alpha": args.alpha,
             "batch": args.batch,
             "precision": args.precision,
+            "compile": args.compile,
             "check": {
                 "radii": args.check_radii,
                 "steps": args.check_steps,

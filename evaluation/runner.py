@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from attacks.gradient import input_gradient
 from attacks.registry import AttackSettings, parse_attack
 from datamodules.subset import classes_in_turn
-from defenses.base import Defense
+from defenses.base import Defense, describe
 from defenses.transforms import Identity
 from engine.seeding import seeded_generator
 from evaluation.threats import THREATS, ThreatModel, attacked_model, scored_model, skip_reason
@@ -70,18 +70,25 @@ class Skipped:
     reason: str
 
 
-class AutocastLogits(nn.Module):
-    """Runs `model` under autocast to `dtype` on the input's device and returns fp32 logits, so
-    that attack losses and their input gradients stay in fp32 (field notes: fp16 underflows)."""
+class AutocastModel(nn.Module):
+    """Runs `model` (a classifier or a restorer's network) under autocast to `dtype` on the input's
+    device and returns fp32 outputs, so that attack losses and their input gradients stay in fp32
+    (field notes: fp16 underflows)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *more: Tensor) -> Tensor:
         with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x).float()
+            return self.model(x, *more).float()
+
+
+def seed_name(defense: Defense | None) -> str:
+    """What a row's random draws are keyed by: the defense's spec, not its label, which depends on the
+    other defenses of the run (adding a defense to a run must not change another's numbers)."""
+    return describe(defense.spec()) if defense is not None else "none"
 
 
 def text_key(*parts: object) -> int:
@@ -173,7 +180,7 @@ class Evaluator:
     ) -> Row:
         """Score the adversarial batches; seconds = the attack's time plus the scoring's."""
         started, label = time.perf_counter(), defense.label if defense else "none"
-        row_key = text_key("score", label, threat, attack, settings.norm, settings.eps)
+        row_key = text_key("score", seed_name(defense), threat, attack, settings.norm, settings.eps)
         scores = [
             self._score(scorer, defense, x_adv, y, (self.seed, row_key, index))
             for (index, _, y), x_adv in zip(self._batches(), adversarials)
@@ -242,7 +249,7 @@ class Evaluator:
             return recipe.build(settings)(attacker, x, y, generator).detach()
 
         shareable = not threat.through_defense
-        attack_key = ("shared" if shareable else label, threat.name, attack, norm, eps)
+        attack_key = ("shared" if shareable else seed_name(defense), threat.name, attack, norm, eps)
         adversarials, seconds = self._adversarials(attack_key, shareable, run)
         scorer, scored_defense = scored_model(threat, self.classifier, defense), defense if threat.defended else None
         settings = AttackSettings(norm, eps, steps, eot, restarts=restarts)

@@ -114,3 +114,16 @@ def implicit_device_audit(roots: Sequence[str] = PROJECT_SOURCE) -> Iterator[Non
     """Within the block, the project's code must say where every tensor it creates lives."""
     with ImplicitDeviceAudit(roots):
         yield
+
+
+@contextlib.contextmanager
+def audit_paused() -> Iterator[None]:
+    """Within the block, no audit: torch.compile (dynamo) cannot trace through a Python function mode
+    ("name '___get_torch_function_mode_stack_at' is not defined"), so compiled code runs without it."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(isinstance(mode, ImplicitDeviceAudit) for mode in stack):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily() as mode:
+        assert isinstance(mode, ImplicitDeviceAudit), f"another function mode is on top: {mode}"
+        yield

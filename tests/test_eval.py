@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import pickle
@@ -7,20 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attacks import RECIPES, AttackSettings, parse_attack, seeded_generator
 from classifiers import load_classifier
 from datamodules import render_shapes
 from datamodules.subset import balanced_indices, classes_in_turn
 from defenses import Defense, make_defense
-from engine.export import NotAnExportError
+from engine.export import NotAnExportError, atomic_save
 from evaluation import cli as evaluator_cli
 from evaluation import runner
 from evaluation.report import sanity_warnings, worst_case
 from evaluation.runner import EXAMPLES, Evaluator, Row, sanity_rows
 from evaluation.subset import index_hash, index_record, read_index_record
 from evaluation.threats import THREATS
+from restorers import restorer_class
 
 ROW_FIELDS = {
     "defense",
@@ -456,3 +458,35 @@ def test_scoring_draws_are_fresh(shapes_victim: Path, monkeypatch):
     assert len(scored) == 2 * 3 and defense.draws["attack"]  # 2 batches x 3 scoring draws
     assert not seen & set(scored), "a scoring draw repeats a draw the attack used"
     assert len(set(scored)) == len(scored), "scoring draws repeat each other"
+
+
+def test_networks_run_channels_last_bf16_and_compiled_as_asked_and_compute_the_same(shapes_victim: Path, tmp_path):
+    """evaluation.cli.load_models: the classifier and a restorer defense's network in channels_last,
+    under bf16 autocast with fp32 outputs for --precision bf16, compiled for --compile; channels_last
+    alone changes nothing but the layout."""
+    export = atomic_save(restorer_class("sr")(classifier=str(shapes_victim)).to_export({}), tmp_path / "sr.pt")
+    x = render_shapes(64, seed=5)[0].float() / 255
+
+    def load(precision: str) -> tuple[nn.Module, Defense]:
+        arguments = argparse.Namespace(
+            classifier=str(shapes_victim), transfer_from=None, defense=[str(export)], precision=precision, compile=False
+        )
+        classifier, _, (defense,) = evaluator_cli.load_models(arguments, torch.device("cpu"), 3)
+        return classifier, defense
+
+    reference = load_classifier(shapes_victim)
+    classifier, defense = load("32")
+    convolution = next(parameter for parameter in classifier.parameters() if parameter.ndim == 4)
+    assert convolution.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(x), reference(x), atol=1e-4, rtol=1e-4)
+        plain_restored = defense(x)
+        classifier, defense = load("bf16")
+        assert isinstance(classifier, runner.AutocastModel) and isinstance(defense.network, runner.AutocastModel)
+        assert classifier(x).dtype == torch.float32 and defense(x).dtype == torch.float32
+        assert (classifier(x).argmax(1) == reference(x).argmax(1)).float().mean() >= 0.95
+        assert (defense(x) - plain_restored).abs().max() < 0.05
+    # Compiling is lazy and costs tens of seconds on the CPU: the gpu tier runs compiled evaluations.
+    compiled = evaluator_cli.for_speed(load_classifier(shapes_victim), torch.device("cpu"), "bf16", True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled._orig_mod, runner.AutocastModel)

@@ -37,6 +37,7 @@ from evaluation import certification as certify_cli
 from evaluation import cli as evaluator_cli
 from tests.conftest import QUIET, REPO_ROOT, gpu_tier_device, run_dirs, run_script, torch_flags_kept
 from tests.data_files import accept_written_files, cifar_subset_tree, shapes_split, write_data_set
+from tests.device_audit import audit_paused
 
 pytestmark = pytest.mark.gpu
 
@@ -139,14 +140,17 @@ class Tier:
         (victim,) = [path for path in CONFIGS if is_victim(path) and data_class(path) == data]
         return self.export(victim)
 
-    def fit(self, config: Path, name: str, *extra: str, steps: int = STEPS) -> RestorationCLI:
-        """`train.py fit` of the config on the tier's device for `steps` steps (per epoch) and one validation batch."""
+    def fit(
+        self, config: Path, name: str, *extra: str, steps: int = STEPS, callbacks: tuple[pl.Callback, ...] = ()
+    ) -> RestorationCLI:
+        """`train.py fit` of the config on the tier's device for `steps` steps (per epoch) and one validation
+        batch, with `callbacks` beside the config's."""
         recorder = DeviceRecorder()
 
         class RecordingCLI(RestorationCLI):
             def before_fit(self) -> None:
                 super().before_fit()
-                self.trainer.callbacks.append(recorder)
+                self.trainer.callbacks.extend([recorder, *callbacks])
 
         victim = [] if is_victim(config) else ["--model.init_args.classifier", str(self.victim_for(data_class(config)))]
         victim += self.start_args(config)
@@ -554,3 +558,88 @@ def test_the_training_attack_is_no_weaker_under_fp16_autocast(tier: Tier):
             accuracy[dtype] = (classifier(adversarial).argmax(1) == y).float().mean().item()
     assert accuracy[torch.float16] <= accuracy[torch.float32] + 0.02, accuracy
     assert accuracy[torch.bfloat16] <= accuracy[torch.float32] + 0.02, accuracy
+
+
+def test_compiled_evaluation_is_no_weaker_on_the_device(tier: Tier, tmp_path: Path):
+    """eval.py --compile (torch.compile of the classifier and the restorer's network) against the same
+    command without it: the same clean accuracies, attacks no weaker (issue 18: faster, never weaker)."""
+    robust = tier.export(REPO_ROOT / "configs" / "robust_shapes.yaml")
+    command = [
+        "--classifier",
+        str(tier.victim_for("datamodules.Shapes")),
+        "--defense",
+        str(robust),
+        "--attacks",
+        "pgd10",
+        "--threats",
+        "none,white-box",
+        "--n",
+        "200",
+        "--sanity-images",
+        "0",
+        "--precision",
+        "bf16" if tier.device.type == "cuda" else "32",
+        "--device",
+        tier.device.type,
+        "--no-progress",
+    ]
+    plain = evaluator_cli.main([*command, "--out", str(tmp_path / "plain")])
+    with audit_paused():  # dynamo cannot trace through the audit's function mode
+        compiled = evaluator_cli.main([*command, "--compile", "--out", str(tmp_path / "compiled")])
+    assert compiled["meta"]["compile"] and not plain["meta"]["compile"]
+    tolerance = 2 / 200  # bf16 kernels of another schedule may flip an image or two
+    for ours, theirs in zip(compiled["rows"], plain["rows"], strict=True):
+        assert (ours["defense"], ours["threat"]) == (theirs["defense"], theirs["threat"])
+        if ours["attack"] == "clean":
+            assert abs(ours["accuracy"] - theirs["accuracy"]) <= tolerance, (ours, theirs)
+        else:
+            assert ours["accuracy"] <= theirs["accuracy"] + tolerance, (ours, theirs)
+
+
+def test_a_restorer_fits_with_compiled_networks_on_the_device(tier: Tier):
+    config = REPO_ROOT / "configs" / "sr_shapes.yaml"
+    with audit_paused():  # dynamo cannot trace through the audit's function mode
+        tier.fit(config, "sr_compiled", "--model.init_args.compile_networks", "true")
+    export = torch.load(tier.root / "exports" / "sr_compiled.pt", weights_only=True)
+    assert export["meta"]["global_step"] == STEPS and tier.recorded["sr_compiled"]["loss_finite"]
+    assert not any("_orig_mod" in key for key in export["state_dict"])  # the keys of an uncompiled run
+    make_defense(str(tier.root / "exports" / "sr_compiled.pt"))  # strict loading: raises on other keys
+
+
+class NoHostSync(pl.Callback):
+    """From the start of training batch 1 to the end of batch 2's step, CUDA's sync debug mode raises at
+    the first host synchronization (`.item()`, a CPU copy, a data-dependent shape), with its traceback:
+    one whole step and the logging after it, past batch 0's warm-up (cuDNN's choices, lazy parts)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if batch_idx == 2:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# The CIFAR-10 victim and the stage-1 config of every restorer kind (a stage 2 trains the same module).
+SYNC_CONFIGS = [
+    "victim_cifar10",
+    "sr_cifar10",
+    "rain_cifar10",
+    "trn_cifar10",
+    "cii_cifar10",
+    "robust_cifar10",
+    "denoiser_cifar10",
+]
+
+
+@pytest.mark.parametrize("name", SYNC_CONFIGS)
+def test_a_training_step_never_waits_for_the_device(tier: Tier, name: str):
+    """No host synchronization in a training step under Lightning: the batch, the pair and its attack,
+    the losses, backward, the optimizer, the callbacks and the step's logging. Each one stalls the
+    GPU's queue until the step is done (issue 18: Lightning read a progress-bar loss back every step)."""
+    if tier.device.type != "cuda":
+        pytest.skip("host synchronizations exist on CUDA only")
+    tier.fit(REPO_ROOT / "configs" / f"{name}.yaml", f"{name}_sync", callbacks=[NoHostSync()])

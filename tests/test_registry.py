@@ -104,7 +104,7 @@ def test_two_exports_of_one_kind_and_settings_keep_their_own_rows(shapes_victim:
         exports.append(str(atomic_save(module.to_export({}), tmp_path / name / "sr.pt")))
 
     def evaluate(out: str, *defenses: str) -> dict[str, Any]:
-        arguments = ["--attacks", "fgsm", "--threats", "gray-box,white-box", "--n", "20", "--sanity-images", "0"]
+        arguments = ["--attacks", "pgd3", "--threats", "gray-box,white-box", "--n", "20", "--sanity-images", "0"]
         command = ["--classifier", str(shapes_victim), "--data", "shapes", "--defense", *defenses, *arguments]
         return evaluator_cli.main([*command, "--out", str(tmp_path / out), "--no-progress"])
 
@@ -133,6 +133,21 @@ def test_defenses_that_read_alike_are_told_apart_by_their_file_name_and_a_repeat
     ]
     with pytest.raises(ValueError, match="more than once"):
         make_defenses(["jpeg:quality=75", "median:kernel=3", "jpeg:quality=75"])
+
+
+def test_compiled_networks_keep_their_state_dict_keys_and_a_checkpoint_rebuilds_uncompiled(
+    shapes_victim: Path, tmp_path: Path
+):
+    """compile_networks compiles in place (lazily): checkpoints and exports of a compiled run have the
+    keys of an uncompiled one, and a module rebuilt from a checkpoint to be read is not compiled."""
+    compiled = restorer_class("sr")(classifier=str(shapes_victim), compile_networks=True)
+    plain = restorer_class("sr")(classifier=str(shapes_victim))
+    assert compiled.restorer._compiled_call_impl is not None and compiled.classifier._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(compiled.state_dict(), strict=True)
+    arguments, state = dict(compiled.hparams), compiled.state_dict()
+    torch.save({"restorer_kind": "sr", "hyper_parameters": arguments, "state_dict": state}, tmp_path / "last.ckpt")
+    assert module_from_checkpoint(tmp_path / "last.ckpt").restorer._compiled_call_impl is None
 
 
 class _Incomplete(RestorerModule):
@@ -203,6 +218,10 @@ def test_a_new_restorer_is_one_module_one_registry_line_and_one_config(shapes_vi
             "--no-progress",
         ]
     )
-    toy_rows: list[dict[str, Any]] = [row for row in results["rows"] if row["defense"] == "toy"]
-    assert {row["threat"] for row in toy_rows} == {"clean", "gray-box", "white-box"}
+    from_export, from_checkpoint = (
+        [(row["threat"], row["accuracy"]) for row in results["rows"] if row["defense"] == defense["label"]]
+        for defense in results["meta"]["defenses"]
+    )
+    assert {threat for threat, _ in from_export} == {"clean", "gray-box", "white-box"}
+    assert from_export == from_checkpoint  # the same restorer, read from either file
     assert type(module_from_checkpoint(checkpoint)) is ToyDenoiser
