@@ -79,7 +79,9 @@ class VictimModule(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_accuracy(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
+        # No prog_bar: Lightning reads progress-bar values back with .item() after every step, a host sync
+        # that stalls the GPU's queue (issue 18); TensorBoard gets them every log_every_n_steps.
+        self.log("train/loss", loss)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 

@@ -254,13 +254,10 @@ class RestorerModule(pl.LightningModule):
             self.classifier_term(restored, x, y) if self.hparams.classifier_weight else restoration.new_zeros(())
         )
         loss = self.hparams.restoration_weight * restoration + self.hparams.classifier_weight * in_the_loop
+        # No prog_bar: Lightning reads progress-bar values back with .item() after every step, a host sync
+        # that stalls the GPU's queue (issue 18); TensorBoard gets them every log_every_n_steps.
         self.log_dict(
-            {
-                "train/loss": loss,
-                f"train/{self.restoration_name}": restoration,
-                "train/classifier_loss": in_the_loop,
-            },
-            prog_bar=True,
+            {"train/loss": loss, f"train/{self.restoration_name}": restoration, "train/classifier_loss": in_the_loop}
         )
         return loss
 

@@ -135,9 +135,9 @@ class RobustRestorer(RestorerModule):
         }
         loss = sum(weights[name] * term for name, term in terms.items())
         self.log_dict({f"train/{name}": term for name, term in terms.items()})
+        # No prog_bar (RestorerModule.training_step says why).
         self.log_dict(
-            {"train/loss": loss, "train/robust_acc": robust_acc, "train/eps": self.training_epsilon(self.global_step)},
-            prog_bar=True,
+            {"train/loss": loss, "train/robust_acc": robust_acc, "train/eps": self.training_epsilon(self.global_step)}
         )
         return loss
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,71 @@ def test_the_cifar10_gpu_config_runs_on_cpu_at_tiny_scale(cifar_tree: Path, tmp_
     stem = cli.model.classifier.net.stem.weight
     assert stem.is_contiguous(memory_format=torch.channels_last)  # the ChannelsLast callback ran
     assert cli.trainer.global_step == 3 and (tmp_path / "exports" / "cifar.pt").is_file()
+
+
+def _dispatch(filename: str) -> bool:
+    """torch's function-mode dispatch and the device audit's mode (tests/device_audit.py): not a caller."""
+    return filename.endswith(("device_audit.py", f"torch{os.sep}overrides.py", f"utils{os.sep}_device.py"))
+
+
+class HostReads(pl.Callback):
+    """Records, from the start of training batch 1 to the end of batch 2's step, every read of a tensor's
+    value by the host (`.item()`, `.tolist()`, `bool()`, `float()`, `int()`): on a GPU each one waits for
+    the queue to drain. torch.optim's reads are left out: it keeps its step counts on the CPU."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+    def _recording(self, name: str):
+        original, reads = self.originals[name], self.reads
+
+        def read(tensor: torch.Tensor, *args, **kwargs):
+            frames = [frame for frame in traceback.extract_stack()[:-1] if not _dispatch(frame.filename)]
+            caller = frames[-1]
+            nested = caller.name == "read" and caller.filename == __file__  # the audit's mode calls the read again
+            if not nested and f"torch{os.sep}optim{os.sep}" not in caller.filename:
+                reads.append(f"{name} at {caller.filename}:{caller.lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == 1:
+            for name in self.NAMES:
+                setattr(torch.Tensor, name, self._recording(name))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == 2:
+            self.restore()
+
+    def restore(self) -> None:
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("config", ["victim_shapes", "sr_shapes", "robust_shapes"])
+def test_a_training_step_reads_nothing_back_to_the_host(config: str, shapes_victim: Path, tmp_path: Path):
+    """Lightning read every progress-bar value back with .item() after each step; the steps now log to
+    TensorBoard only (issue 18). On a GPU the gpu tier checks this with CUDA's sync debug mode."""
+    recorder = HostReads()
+
+    class RecordingCLI(RestorationCLI):
+        def before_fit(self) -> None:
+            super().before_fit()
+            self.trainer.callbacks.append(recorder)
+
+    victim = [] if config.startswith("victim") else ["--model.init_args.classifier", str(shapes_victim)]
+    small = ["--data.init_args.num_train", "400", "--data.init_args.val_images", "100"]
+    small += ["--data.init_args.batch_size", "8"]
+    limits = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1"]
+    try:
+        RecordingCLI(
+            args=["fit", "--config", str(REPO_ROOT / "configs" / f"{config}.yaml"), *QUIET, *small, *limits, *victim]
+            + [*run_dirs(tmp_path, config), "--trainer.num_sanity_val_steps", "0"]
+        )
+    finally:
+        recorder.restore()
+    assert recorder.reads == [], recorder.reads
