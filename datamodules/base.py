@@ -9,14 +9,16 @@ augmented on the device in `on_after_batch_transfer` and reaches the model as
 
 Everything random is a function of (seed, epoch, index): the shuffle order is a
 `DistributedSampler` permutation (sharded across ranks under DDP) and each image's crop offset and
-flip are drawn per epoch from the seed. A run resumed from an epoch boundary therefore sees exactly
-the batches an uninterrupted run would, without any RNG state in the checkpoint.
+flip are drawn per epoch from the seed. The training loader (ResumableLoader) also saves how many
+batches of its epoch training has taken, so a run resumed from any step, at an epoch boundary or
+mid-epoch, sees exactly the batches an uninterrupted run would, without any RNG state in the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -108,15 +110,68 @@ def crop_and_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) 
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2)
 
 
-def train_sampler(datamodule: pl.LightningDataModule, num_images: int, seed: int) -> DistributedSampler:
-    """The training order: a permutation that is f(seed, epoch), sharded over the trainer's ranks.
+class ResumableSampler(DistributedSampler):
+    """The training order: a DistributedSampler permutation, f(seed, epoch), sharded over the ranks; and
+    where a run stopped mid-epoch, the rest of that epoch's order.
 
-    A DistributedSampler also with one process: Lightning keeps a loader's own DistributedSampler
-    (instead of replacing it) and calls its set_epoch every epoch.
+    `resume_at(epoch, batches)` (from a checkpoint, through ResumableLoader) makes the next pass over
+    that epoch skip its first `batches` batches of `batch_size`; a state at an epoch's end moves on to
+    the next epoch. The epoch is set there too, since a loader with workers draws its order when its
+    iterator is made, which Lightning does before it calls set_epoch.
     """
+
+    def __init__(self, num_images: int, num_replicas: int, rank: int, seed: int, batch_size: int) -> None:
+        super().__init__(range(num_images), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.skip: tuple[int, int] | None = None  # (epoch, batches to skip in it), used once
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        finished = batches >= self.batches_per_epoch
+        self.set_epoch(epoch + 1 if finished else epoch)
+        self.skip = None if finished else (epoch, batches)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())
+        skip, self.skip = self.skip, None
+        start = skip[1] * self.batch_size if skip is not None and skip[0] == self.epoch else 0
+        return iter(order[start:])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, stateful in Lightning's sense: Lightning saves its `state_dict()` in every
+    checkpoint of a fit and hands it to `load_state_dict()` when the run resumes. The state is the epoch
+    and how many of its batches training has taken (Lightning's own count: its loader prefetches, so
+    ours would run ahead); the sampler then resumes after them. Set `trainer` before the fit."""
+
+    trainer: pl.Trainer | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.ready}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self.sampler.resume_at(state["epoch"], state["batches"])
+
+
+def train_loader(
+    datamodule: pl.LightningDataModule, dataset: Dataset, batch_size: int, seed: int, **options
+) -> ResumableLoader:
+    """The training loader of `dataset`: ResumableSampler's order (a DistributedSampler also with one
+    process: Lightning keeps a loader's own DistributedSampler and calls its set_epoch every epoch),
+    resumable mid-epoch."""
     trainer = datamodule.trainer
     world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    return DistributedSampler(range(num_images), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = ResumableSampler(len(dataset), world_size, rank, seed, batch_size)
+    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, **options)
+    loader.trainer = trainer
+    return loader
 
 
 def to_unit_float(images: Tensor) -> Tensor:
@@ -205,29 +260,28 @@ class TensorImageDataModule(pl.LightningDataModule):
         if self.val_images:
             self.splits["val"] = ImageSplit(full.images[self.val_indices], full.labels[self.val_indices])
 
-    def _loader(self, split: str, batch_size: int, sampler: DistributedSampler | None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         dataset = _SplitDataset(split, self.splits[split], indices_only=self.on_device)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
-            collate_fn=_keep_as_is,
-            num_workers=0 if self.on_device else self.num_workers,
-            pin_memory=not self.on_device and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0 and not self.on_device,
-        )
+        options: dict[str, Any] = {
+            "collate_fn": _keep_as_is,
+            "num_workers": 0 if self.on_device else self.num_workers,
+            "pin_memory": not self.on_device and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0 and not self.on_device,
+        }
+        if split == "train":
+            return train_loader(self, dataset, batch_size, self.seed, **options)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, train_sampler(self, len(self.splits["train"].labels), self.seed))
+        return self._loader("train", self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_images == 0:
             return []  # Lightning then skips validation
-        return self._loader("val", self.eval_batch_size, None)
+        return self._loader("val", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, None)
+        return self._loader("test", self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch: SplitBatch, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         images, labels = (batch.images, batch.labels) if batch.images is not None else self._gather(batch)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule, to_unit_float, train_sampler
+from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule, to_unit_float, train_loader
 from datamodules.registry import register_data_set
 from datamodules.subset import hold_out
 from engine.export import atomic_save
@@ -199,18 +200,18 @@ class ImageFolderStream(pl.LightningDataModule):
             validation.transform = evaluate
             self.datasets["val"] = Subset(validation, held_out.tolist())
 
-    def _loader(self, split: str, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
+        options: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if split == "train":
+            return train_loader(self, self.datasets["train"], batch_size, self.seed, **options)
+        return DataLoader(self.datasets[split], batch_size=batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, train_sampler(self, len(self.datasets["train"]), self.seed))
+        return self._loader("train", self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size) if self.val_images else []

@@ -1,7 +1,8 @@
 """The project's LightningCLI: one run name decides where everything of a run is written.
 
     runs/<run.name>/               TensorBoard events, config.yaml, hparams.yaml
-    runs/<run.name>/checkpoints/   last.ckpt (rewritten every epoch) and the best checkpoint
+    runs/<run.name>/checkpoints/   last.ckpt (every epoch, and every N steps or M minutes when asked), its
+                                   previous version previous.ckpt, and the best checkpoint
     checkpoints/<run.name>.pt      the export file, written when fit completes
 
 Fixed folders (no version_N) are what make `--ckpt_path last` find the run's own last
@@ -19,8 +20,17 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from engine.callbacks import ExportOnFitEnd
+from engine.checkpointing import (
+    AtomicCheckpointIO,
+    LoaderPositionOnResume,
+    MidEpochCheckpoint,
+    SaveOnSigterm,
+    checkpoint_problem,
+    newest_intact_checkpoint,
+)
 
 
 def _checkpoint_dir(root: str, name: str) -> str:
@@ -55,6 +65,18 @@ class RestorationCLI(LightningCLI):
         )
         parser.add_argument("--run.root", type=str, default="runs", help="folder of the run folders")
         parser.add_argument("--run.export_dir", type=str, default="checkpoints", help="folder of the export files")
+        parser.add_argument(
+            "--run.checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="also write last.ckpt every N training steps (a resume from it is exact mid-epoch)",
+        )
+        parser.add_argument(
+            "--run.checkpoint_every_minutes",
+            type=float | None,
+            default=None,
+            help="also write last.ckpt every M minutes of training",
+        )
         # Two checkpoint callbacks: the best by a metric, and last.ckpt rewritten every epoch. One
         # ModelCheckpoint(save_last=True, monitor=...) refreshes last.ckpt only in epochs that also
         # saved a top-k file, so a resume could silently restart from an older epoch.
@@ -81,15 +103,62 @@ class RestorationCLI(LightningCLI):
         run = self._get(self.config_init, "run")
         run_dir = Path(run.root) / run.name
         kwargs.setdefault("default_root_dir", str(run_dir))  # also where SLURM requeue checkpoints go
-        if self._get(self.config_init, "trainer", default={}).get("logger") in (None, True):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=run.root, name=run.name, version="", default_hp_metric=False)
-        return super().instantiate_trainer(**kwargs)
+        if trainer_config.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        checkpoints = _checkpoint_dir(run.root, run.name)
+        trainer.callbacks.extend([SaveOnSigterm(checkpoints), LoaderPositionOnResume()])
+        if run.checkpoint_every_n_steps or run.checkpoint_every_minutes:
+            trainer.callbacks.append(
+                MidEpochCheckpoint(checkpoints, run.checkpoint_every_n_steps, run.checkpoint_every_minutes)
+            )
+        return trainer
 
     def before_fit(self) -> None:
         last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        if self.config.fit.ckpt_path is None and last.exists():
+        ckpt_path = self.config.fit.ckpt_path
+        if ckpt_path is None and last.exists():
             raise FileExistsError(
                 f"run '{self.config.fit.run.name}' already has checkpoints ({last}). Resume it with "
                 "`--ckpt_path last`, start a new run with another `--run.name`, or delete "
                 f"'{last.parent.parent}' to start this one again."
             )
+        if ckpt_path == "last" and last.exists():
+            self.config_init.fit.ckpt_path = str(intact_or_fallback(last))
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then refuse a damaged --ckpt_path FILE before Lightning reads it (it reads the
+        checkpoint's hyperparameters first, and a damaged file fails deep inside torch)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            problem = checkpoint_problem(ckpt_path)
+            if problem is not None:
+                raise ValueError(f"cannot resume from '{ckpt_path}': {problem}. {_fallback_hint(Path(ckpt_path))}")
+
+
+def intact_or_fallback(last: Path) -> Path:
+    """`last` if it reads back, else the newest intact checkpoint beside it (saying so), else an error."""
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    fallback, damaged = newest_intact_checkpoint(last.parent)
+    if fallback is None:
+        found = "; ".join(f"{path.name}: {why}" for path, why in damaged.items())
+        raise ValueError(
+            f"cannot resume from '{last}': {problem}, and no checkpoint beside it reads back ({found}). "
+            "Start the run again under another --run.name."
+        )
+    rank_zero_warn(f"'{last}' is damaged ({problem}); resuming from the newest intact checkpoint, '{fallback}'")
+    return fallback
+
+
+def _fallback_hint(path: Path) -> str:
+    fallback, _ = newest_intact_checkpoint(path.parent) if path.parent.is_dir() else (None, {})
+    if fallback is None:
+        return "No intact checkpoint lies beside it."
+    return f"The newest intact checkpoint beside it is '{fallback}': pass it as --ckpt_path (or --ckpt_path last)."

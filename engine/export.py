@@ -37,12 +37,19 @@ class NotAnExportError(ValueError):
     """A file handed to us is not an export of this project (or not one of the kind expected)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call write(stream) on a temporary file in `path`'s folder, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,9 +10,11 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from engine import callbacks
+from engine import export as engine_export
 from engine.callbacks import TrainThroughput
+from engine.checkpointing import AtomicCheckpointIO
 from engine.cli import RestorationCLI
-from engine.export import atomic_save, make_export
+from engine.export import atomic_save, atomic_write_bytes, make_export
 from tests.conftest import REPO_ROOT
 
 
@@ -65,3 +68,26 @@ def test_every_config_parses_against_the_signatures(config: str, capsys: pytest.
         RestorationCLI(args=["fit", "--config", str(REPO_ROOT / "configs" / config), "--print_config"])
     assert exited.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def test_a_full_disk_mid_write_leaves_the_previous_checkpoint_and_results_whole(tmp_path: Path, monkeypatch):
+    """The write fails halfway (ENOSPC after some bytes): the file keeps its old bytes, no temporary
+    file is left behind, and the error reaches the caller."""
+    checkpoint = AtomicCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    checkpoint.save_checkpoint({"step": torch.tensor(1)}, last)
+    results = atomic_write_bytes(b'{"rows": 1}', tmp_path / "results.json")
+    old = {path: path.read_bytes() for path in (last, results)}
+
+    def full_disk(stream) -> None:
+        stream.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", lambda obj, stream: full_disk(stream))
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint({"step": torch.tensor(2)}, last)
+    with pytest.raises(OSError, match="No space left"):
+        engine_export._atomic_write(results, full_disk)
+    assert {path: path.read_bytes() for path in (last, results)} == old
+    assert (tmp_path / "previous.ckpt").read_bytes() == old[last]  # kept before the write began
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt", "previous.ckpt", "results.json"]
