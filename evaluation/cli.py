@@ -26,6 +26,7 @@ from datamodules import data_module_class, data_set_names
 from datamodules.subset import balanced_indices
 from defenses import Defense, make_defenses
 from engine.export import atomic_write_bytes, device_name, environment_meta, file_sha256
+from evaluation.journal import FOLDER, JournalMismatch, RowJournal
 from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
 from evaluation.runner import AutocastModel, Evaluator, parse_eps, run_rows, sanity_rows, zero_gradient_shares
 from evaluation.subset import index_record, read_index_record
@@ -91,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True, help="results folder; refused if it holds files unless --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run: the same command again, with --resume; the rows it finished "
+        "(kept in <out>/rows/) are read back, the others computed",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.eot < 1 or args.eval_draws < 1 or args.batch_size < 1 or args.sanity_images < 0:
@@ -98,10 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()) and not overwrite:
+def prepare_out(out: Path, overwrite: bool, resume: bool = False) -> Path:
+    if out.exists() and any(out.iterdir()) and not overwrite and not resume:
         raise SystemExit(
-            f"error: '{out}' already holds results; choose another --out or pass --overwrite to replace them"
+            f"error: '{out}' already holds results; choose another --out, pass --overwrite to replace them, "
+            "or --resume to finish the interrupted run that wrote them"
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -188,10 +196,21 @@ def run_meta(
     }
 
 
+def fingerprint(
+    args: argparse.Namespace, environment: dict[str, str], device: torch.device, record: dict[str, Any]
+) -> dict[str, Any]:
+    """What a row's numbers depend on: the arguments (not where the results go or how they are shown),
+    the code, the device and the images."""
+    arguments = {
+        key: value for key, value in vars(args).items() if key not in ("out", "overwrite", "resume", "no_progress")
+    }
+    return {**arguments, "commit": environment["commit"], "device": device_name(device), "index_hash": record["hash"]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
-    out = prepare_out(Path(args.out), args.overwrite)
+    out = prepare_out(Path(args.out), args.overwrite, args.resume)
     device = resolve_device(args.device)
     threats = parse_threats(args.threats)
     attacks = [name.strip() for name in args.attacks.split(",") if name.strip()]
@@ -200,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = [parse_eps(text) for text in args.eps.split(",")]
     images, labels, record = load_subset(args, device)
     classifier, source, defenses = load_models(args, device, images.shape[1])
+    try:  # before anything is written: a refused --resume leaves the folder as it found it
+        journal = RowJournal(out / FOLDER, fingerprint(args, environment, device, record), args.resume)
+    except JournalMismatch as mismatch:
+        raise SystemExit(f"error: {mismatch}") from mismatch
     atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
 
     progress = tqdm(total=0, unit="batch", miniters=1, disable=args.no_progress, file=sys.stderr, desc="eval")
@@ -216,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
     progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
-    rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets)
+    rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets, journal.row)
     progress.close()
-    large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images)
+    large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images, journal.row)
     zero_gradients = zero_gradient_shares(evaluator, defenses, threats)
 
     results = {
@@ -234,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "compile": args.compile,
             "batch_size": args.batch_size,
             "sanity_images": args.sanity_images,
+            "rows_read_back": journal.loaded,  # finished by an interrupted run that --resume continued
             "defenses": [
                 {"label": defense.label, "argument": text, "spec": defense.spec()}
                 for text, defense in zip(args.defense, defenses)

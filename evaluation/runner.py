@@ -12,6 +12,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -277,6 +278,14 @@ def parse_eps(text: str) -> tuple[float, str]:
     return value, text.strip()
 
 
+RowSource = Callable[[tuple, Callable[[], "Row | Skipped"]], "Row | Skipped"]
+
+
+def computed(key: tuple, compute: Callable[[], Row | Skipped]) -> Row | Skipped:
+    """The RowSource that computes every row (evaluation.journal.RowJournal.row reuses stored ones)."""
+    return compute()
+
+
 def run_rows(
     evaluator: Evaluator,
     defenses: list[Defense],
@@ -284,21 +293,27 @@ def run_rows(
     attacks: list[str],
     norm: str,
     budgets: list[tuple[float, str]],
+    rows_from: RowSource = computed,
 ) -> tuple[list[Row], list[Skipped]]:
-    """Clean rows, then every threat x attack x epsilon; the undefended threat once, not per defense."""
-    rows: list[Row] = [evaluator.clean(None)] + [evaluator.clean(defense) for defense in defenses]
+    """Clean rows, then every threat x attack x epsilon; the undefended threat once, not per defense.
+    `rows_from(key, compute)` gives each row (a journal returns the rows a killed run finished)."""
+    rows: list[Row] = [rows_from(("clean", "none"), partial(evaluator.clean, None))]
+    rows += [rows_from(("clean", defense.label), partial(evaluator.clean, defense)) for defense in defenses]
     skipped: list[Skipped] = []
     for threat in threats:
         for attack in attacks:
             for eps, label in budgets:
                 # Defenses innermost: an attack that never sees the defense is computed once for all.
                 for defense in [Identity()] if not threat.defended else defenses:
-                    result = evaluator.attack(defense, threat, attack, norm, eps, label)
+                    key = ("attack", defense.label, threat.name, attack, norm, eps)
+                    result = rows_from(key, partial(evaluator.attack, defense, threat, attack, norm, eps, label))
                     (skipped if isinstance(result, Skipped) else rows).append(result)
     return rows, list(dict.fromkeys(skipped))
 
 
-def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str, count: int) -> list[Row]:
+def sanity_rows(
+    evaluator: Evaluator, defenses: list[Defense], norm: str, count: int, rows_from: RowSource = computed
+) -> list[Row]:
     """PGD-20 at a large budget on `count` images, the classes in turn: undefended, and through each
     defense adaptively."""
     if count == 0:
@@ -314,10 +329,11 @@ def sanity_rows(evaluator: Evaluator, defenses: list[Defense], norm: str, count:
         eval_draws=evaluator.eval_draws,
         eot=evaluator.eot,
     )
-    rows = [small.attack(Identity(), THREATS["none"], "pgd20", norm, eps, label)]
+    sanity = partial(small.attack, norm=norm, eps=eps, eps_label=label, attack="pgd20")
+    rows = [rows_from(("sanity", "none"), partial(sanity, Identity(), THREATS["none"]))]
     for defense in defenses:
         threat = THREATS["white-box" if defense.differentiable else "bpda"]
-        rows.append(small.attack(defense, threat, "pgd20", norm, eps, label))
+        rows.append(rows_from(("sanity", defense.label), partial(sanity, defense, threat)))
     return [row for row in rows if isinstance(row, Row)]
 
 

@@ -4,6 +4,10 @@ import argparse
 import csv
 import json
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from evaluation.runner import EXAMPLES, Evaluator, Row, sanity_rows
 from evaluation.subset import index_hash, index_record, read_index_record
 from evaluation.threats import THREATS
 from restorers import restorer_class
+from tests.conftest import REPO_ROOT
 
 ROW_FIELDS = {
     "defense",
@@ -490,3 +495,60 @@ def test_networks_run_channels_last_bf16_and_compiled_as_asked_and_compute_the_s
     compiled = evaluator_cli.for_speed(load_classifier(shapes_victim), torch.device("cpu"), "bf16", True)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(compiled._orig_mod, runner.AutocastModel)
+
+
+RESUMABLE = [
+    "--data",
+    "shapes",
+    "--defense",
+    "median:kernel=3",
+    "bit_depth:bits=4",
+    "--attacks",
+    "fgsm,pgd20",
+    "--threats",
+    "none,gray-box,white-box,bpda",
+    "--n",
+    "200",
+    "--sanity-images",
+    "20",
+    "--no-progress",
+]
+
+
+def test_a_killed_evaluation_resumes_to_the_results_of_an_uninterrupted_one(shapes_victim: Path, tmp_path: Path):
+    """eval.py killed (SIGKILL) after some rows, then the same command with --resume: the rows it had
+    finished are read back, the rest computed, and every figure equals an uninterrupted run's."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "eval.py", "--classifier", str(shapes_victim), *RESUMABLE, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(list((out / "rows").glob("*.pt"))) < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "eval.py finished before it could be killed"
+    finished = len(list((out / "rows").glob("*.pt")))
+    assert not (out / "results.json").exists()
+
+    resumed = evaluate(shapes_victim, out, *RESUMABLE, "--resume")
+    straight = evaluate(shapes_victim, tmp_path / "straight", *RESUMABLE)
+    assert resumed["meta"]["rows_read_back"] == finished >= 4
+    figures = ("defense", "threat", "attack", "eps_label", "accuracy", "accuracy_std", "n")
+    for section in (lambda r: r["rows"], lambda r: r["sanity"]["large_eps_rows"]):
+        assert [[row[key] for key in figures] for row in section(resumed)] == [
+            [row[key] for key in figures] for row in section(straight)
+        ]
+    assert resumed["worst_case"] == straight["worst_case"]
+
+
+def test_resume_refuses_the_rows_of_another_evaluation(shapes_victim: Path, tmp_path: Path):
+    small = ["--defense", "bit_depth:bits=4", "--attacks", "fgsm", "--threats", "none,gray-box", "--sanity-images", "0"]
+    evaluate(shapes_victim, tmp_path / "run", *small, "--n", "40")
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit, match=r"another evaluation \(index_hash: .*; n: 40 then, 20 now\)"):
+        evaluate(shapes_victim, tmp_path / "run", *small, "--n", "20", "--resume")
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("not an evaluation")
+        evaluate(shapes_victim, tmp_path / "other", *small, "--n", "40", "--resume")
