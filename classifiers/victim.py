@@ -78,7 +78,7 @@ class VictimModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_accuracy(logits, y)
+        self.train_accuracy.update(logits.detach(), y)  # on_epoch only: no per-batch value to compute
         # No prog_bar: Lightning reads progress-bar values back with .item() after every step, a host sync
         # that stalls the GPU's queue (issue 18); TensorBoard gets them every log_every_n_steps.
         self.log("train/loss", loss)
