@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from engine.benchmarking import emit, synchronize
-from engine.callbacks import ChannelsLast
+from engine.benchmarking import emit, lightning_fit_seconds, synchronize
 from restorers.edsr import build_edsr
 from restorers.sr import SuperResolutionRestorer, bicubic_resize
 
@@ -40,20 +37,6 @@ def plain_loop(args: argparse.Namespace, device: torch.device, x: torch.Tensor) 
     return args.steps * len(x) / (synchronize(device) - started)
 
 
-class _Clock(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.started = 0.0
-        self.stopped = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = synchronize(pl_module.device)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.stopped = synchronize(pl_module.device)
-
-
 def lightning_run(args: argparse.Namespace, device: torch.device, x: torch.Tensor) -> float:
     module = SuperResolutionRestorer(
         args.classifier,
@@ -65,23 +48,8 @@ def lightning_run(args: argparse.Namespace, device: torch.device, x: torch.Tenso
         schedule="constant",
     )
     y = torch.zeros(len(x), dtype=torch.long, device=device)
-    batches = DataLoader(range(args.warmup + args.steps), batch_size=1, collate_fn=lambda _: (x, y))
-    clock = _Clock(args.warmup)
-    trainer = pl.Trainer(
-        accelerator=device.type,
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        callbacks=[ChannelsLast(), clock],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=batches)
-    return args.steps * len(x) / (clock.stopped - clock.started)
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    return args.steps * len(x) / lightning_fit_seconds(module, x, y, precision, args.steps, args.warmup)
 
 
 def main() -> None:

@@ -21,27 +21,11 @@ import warnings
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from engine.benchmarking import emit, synchronize, timed
-from engine.callbacks import ChannelsLast
+from engine.benchmarking import emit, lightning_fit_seconds, timed
 from engine.cli import RestorationCLI
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-class _Clock(pl.Callback):
-    """Synchronized clock readings at the first timed step and at the end of the fit."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.started, self.stopped = warmup, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = synchronize(pl_module.device)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.stopped = synchronize(pl_module.device)
 
 
 def plain_seconds(module: pl.LightningModule, x, y, precision: str, steps: int, warmup: int) -> float:
@@ -64,26 +48,6 @@ def plain_seconds(module: pl.LightningModule, x, y, precision: str, steps: int, 
     return timed(step, steps, warmup, x.device)
 
 
-def lightning_seconds(module: pl.LightningModule, x, y, accelerator: str, precision: str, steps: int, warmup: int):
-    batches = DataLoader(range(warmup + steps), batch_size=1, collate_fn=lambda _: (x, y))
-    clock = _Clock(warmup)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=warmup + steps,
-        precision=precision,
-        callbacks=[ChannelsLast(), clock],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=batches)
-    return clock.stopped - clock.started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -100,7 +64,7 @@ def main() -> None:
     plain_module = copy.deepcopy(cli.model)  # the same untrained network for both
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|self.log|attached).*")
-        lightning = lightning_seconds(cli.model, x, y, device.type, precision, args.steps, args.warmup)
+        lightning = lightning_fit_seconds(cli.model, x, y, precision, args.steps, args.warmup)
         plain = plain_seconds(plain_module, x, y, precision, args.steps, args.warmup)
     emit(
         "victim_training",
