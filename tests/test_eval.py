@@ -415,7 +415,7 @@ def test_sanity_attacks_gradient_checks_and_examples_see_every_class(shapes_vict
     row = evaluator.clean(make_defense("bit_depth:bits=4"))
     assert torch.equal(row.examples, x[evaluator.example_positions])
     attacked = []
-    monkeypatch.setattr(runner.Evaluator, "attack", lambda self, *args: attacked.append(self.labels.clone()))
+    monkeypatch.setattr(runner.Evaluator, "attack", lambda self, *args, **kwargs: attacked.append(self.labels.clone()))
     sanity_rows(evaluator, [], "linf", 10)
     assert sorted(attacked[0].tolist()) == list(range(10))
     seen = []
