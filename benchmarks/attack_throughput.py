@@ -67,8 +67,8 @@ def main() -> None:
     parser.set_defaults(seed=0, indices=None, transfer_from=None, defense=[])
     args = parser.parse_args()
     device = resolve_device(args.device)
-    x, y, _ = load_subset(args, device)
-    classifier, _, _ = load_models(args, device, x.shape[1])
+    x, y, _, num_classes = load_subset(args, device)
+    classifier, _, _ = load_models(args, device, x, num_classes)
     eps, eps_label = parse_eps(args.eps)
     attack = f"pgd{args.steps}"
 

@@ -40,7 +40,7 @@ def main() -> None:
     parser.set_defaults(seed=0, indices=None)  # eval.py's class-balanced subset for seed 0
     args = parser.parse_args()
     device = resolve_device(args.device)
-    x, _, _ = load_subset(args, device)
+    x, _, _, _ = load_subset(args, device)
     defense = make_defense(args.defense, load_classifier(args.classifier).to(device)).to(device).eval()
     defense.reseed(0)
     defense(x[: min(4, len(x))])  # warm-up: kernels, allocator

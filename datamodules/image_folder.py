@@ -37,10 +37,19 @@ def folder_classes(split_dir: Path) -> tuple[str, ...]:
     return classes
 
 
+class UnreadableImageError(ValueError):
+    """An image file of a data set cannot be decoded."""
+
+
 def _read_rgb(path: Path) -> Tensor:
-    with Image.open(path) as image:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    try:
+        with Image.open(path) as image:
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    except (OSError, SyntaxError) as broken:  # PIL: not an image, truncated, damaged header
+        raise UnreadableImageError(
+            f"'{path}' is not a readable image ({type(broken).__name__}: {broken}); replace or remove it"
+        ) from broken
 
 
 def _listing(split_dir: Path, class_names: tuple[str, ...]) -> tuple[list[Path], list[int]]:

@@ -32,7 +32,7 @@ from attacks import GradientAttack
 from defenses.smoothing import ABSTAIN, GaussianSmoothing, SoftSmoothedClassifier
 from engine.export import atomic_write_bytes, environment_meta
 from engine.seeding import seeded_generator
-from evaluation.cli import load_models, load_subset, prepare_out, resolve_device, run_meta
+from evaluation.cli import load_inputs, prepare_out, resolve_device, run_meta
 from evaluation.report import csv_text
 from evaluation.runner import text_key
 
@@ -222,8 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     environment = environment_meta()
     out = prepare_out(Path(args.out), args.overwrite)
     device = resolve_device(args.device)
-    images, labels, record = load_subset(args, device)
-    classifier, _, defenses = load_models(args, device, images.shape[1])
+    images, labels, record, (classifier, _, defenses) = load_inputs(args, device)
     defenses = smoothing_defenses(defenses, args.defense, args.batch)
     atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from attacks.registry import RECIPES, parse_attack
 from classifiers import load_classifier
+from classifiers.frozen import FrozenClassifier
 from datamodules import data_module_class, data_set_names
 from datamodules.subset import balanced_indices
 from defenses import Defense, make_defenses
@@ -106,12 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool = False) -> Path:
+    """`out` once checked; it is made by the first file written into it, after the inputs have loaded,
+    so a command refused for its inputs leaves no folder behind."""
     if out.exists() and any(out.iterdir()) and not overwrite and not resume:
         raise SystemExit(
             f"error: '{out}' already holds results; choose another --out, pass --overwrite to replace them, "
             "or --resume to finish the interrupted run that wrote them"
         )
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -120,19 +122,21 @@ def resolve_device(text: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text)
 
 
-def load_subset(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """(images (n,C,H,W) float in [0,1] on device, labels (n,), the index record): the data module's
-    test split, the class-balanced subset drawn as the data modules draw theirs, converted as batches are."""
+def load_subset(args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Any], int]:
+    """(images (n,C,H,W) float in [0,1] on device, labels (n,), the index record, the data set's class
+    count): the data module's test split, the class-balanced subset drawn as the data modules draw
+    theirs, converted as batches are."""
     data_module = data_module_class(args.data)
     if args.data_root and "root" not in inspect.signature(data_module).parameters:
         raise SystemExit(f"error: --data {args.data} is drawn in memory; drop --data-root")
-    split = data_module(**({"root": args.data_root} if args.data_root else {})).load_split("test")
+    module = data_module(**({"root": args.data_root} if args.data_root else {}))
+    split = module.load_split("test")
     if args.indices:
         indices = read_index_record(args.indices, args.data, len(split.labels))
     else:
         indices = balanced_indices(split.labels, args.n, args.seed)
     images, labels = split.batch(indices)
-    return images.to(device), labels.to(device), index_record(args.data, indices, args.seed)
+    return images.to(device), labels.to(device), index_record(args.data, indices, args.seed), module.num_classes
 
 
 def for_speed(model: nn.Module, device: torch.device, precision: str, compile_model: bool) -> nn.Module:
@@ -146,29 +150,60 @@ def for_speed(model: nn.Module, device: torch.device, precision: str, compile_mo
 
 
 def load_models(
-    args: argparse.Namespace, device: torch.device, channels: int
+    args: argparse.Namespace, device: torch.device, images: Tensor, num_classes: int
 ) -> tuple[nn.Module, nn.Module | None, list[Defense]]:
     """The classifier, the transfer source (or None) and the defenses, on `device`, in eval mode, each
-    network made fast as --precision and --compile say (`for_speed`)."""
-    classifier = for_speed(load_classifier(args.classifier), device, args.precision, args.compile)
-    source = (
-        for_speed(load_classifier(args.transfer_from), device, args.precision, args.compile)
-        if args.transfer_from
-        else None
-    )
+    network made fast as --precision and --compile say (`for_speed`); each classifier checked on one
+    image of the data (channels, size) for the data set's `num_classes`."""
+
+    def checked(path: str) -> nn.Module:
+        classifier = load_classifier(path)
+        check_classifier(classifier, path, images[:1].cpu(), num_classes, args.data)
+        return for_speed(classifier, device, args.precision, args.compile)
+
+    classifier = checked(args.classifier)
+    source = checked(args.transfer_from) if args.transfer_from else None
     defenses = [defense.to(device).eval() for defense in make_defenses(args.defense, classifier)]
     for defense in defenses:
         if isinstance(getattr(defense, "network", None), nn.Module):  # a restorer's defense, denoised smoothing
             defense.network = for_speed(defense.network, device, args.precision, args.compile)
-    probe = torch.zeros(1, channels, 8, 8, device=device)
+    return classifier, source, defenses
+
+
+def load_inputs(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Tensor, Tensor, dict[str, Any], tuple[nn.Module, nn.Module | None, list[Defense]]]:
+    """load_subset and load_models, with the command's bad input (a missing file, a classifier that does
+    not fit the data, a misspelt defense, an export of the wrong kind, an unreadable image) as one
+    `error:` line that names it, no traceback."""
+    try:
+        images, labels, record, num_classes = load_subset(args, device)
+        return images, labels, record, load_models(args, device, images, num_classes)
+    except (ValueError, FileNotFoundError) as bad_input:
+        raise SystemExit(f"error: {bad_input}") from bad_input
+
+
+def check_classifier(classifier: FrozenClassifier, path: str, image: Tensor, num_classes: int, data: str) -> None:
+    """One clear error unless `classifier` was built for `image`'s channels (1,C,H,W), takes its size, and
+    predicts `num_classes` classes. Channels come from the classifier's spec: its normalization would
+    broadcast one grey channel to three without a word."""
+    shape = tuple(image.shape[1:])
+    wrong = (
+        f"error: the classifier '{path}' does not take the {shape} (channels, height, width) images of --data {data}"
+    )
+    advice = "pass a classifier trained on this data set"
+    built_for = (classifier.spec or {}).get("in_chans", shape[0])
+    if built_for != shape[0]:
+        raise SystemExit(f"{wrong} (it was built for {built_for} channels); {advice}")
     try:
         with torch.no_grad():
-            classifier(probe)
+            predicted = classifier(image).shape[1]
     except RuntimeError as mismatch:
+        raise SystemExit(f"{wrong} ({str(mismatch).splitlines()[0]}); {advice}") from mismatch
+    if predicted != num_classes:
         raise SystemExit(
-            f"error: the classifier does not take {channels}-channel images of this data set ({mismatch})"
-        ) from mismatch
-    return classifier, source, defenses
+            f"error: the classifier '{path}' predicts {predicted} classes, --data {data} has {num_classes}; {advice}"
+        )
 
 
 def run_meta(
@@ -217,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in attacks:
         parse_attack(name)  # fail on a typo now, not after an hour of attacks
     budgets = [parse_eps(text) for text in args.eps.split(",")]
-    images, labels, record = load_subset(args, device)
-    classifier, source, defenses = load_models(args, device, images.shape[1])
+    images, labels, record, (classifier, source, defenses) = load_inputs(args, device)
     try:  # before anything is written: a refused --resume leaves the folder as it found it
         journal = RowJournal(out / FOLDER, fingerprint(args, environment, device, record), args.resume)
     except JournalMismatch as mismatch:

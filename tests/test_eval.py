@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from attacks import RECIPES, AttackSettings, parse_attack, seeded_generator
 from classifiers import load_classifier
-from datamodules import render_shapes
+from datamodules import SHAPE_CLASSES, render_shapes
 from datamodules.subset import balanced_indices, classes_in_turn
 from defenses import Defense, make_defense
-from engine.export import NotAnExportError, atomic_save
+from engine.export import atomic_save
 from evaluation import cli as evaluator_cli
 from evaluation import runner
 from evaluation.report import sanity_warnings, worst_case
@@ -28,6 +29,7 @@ from evaluation.subset import index_hash, index_record, read_index_record
 from evaluation.threats import THREATS
 from restorers import restorer_class
 from tests.conftest import REPO_ROOT
+from tests.data_files import write_data_set
 
 ROW_FIELDS = {
     "defense",
@@ -179,17 +181,19 @@ class Payload:
 
 
 def test_foreign_pickles_are_refused(shapes_victim: Path, tmp_path: Path):
+    """eval.py refuses them as bad input: one error line (SystemExit), nothing written."""
     foreign = tmp_path / "foreign.pt"
     with open(foreign, "wb") as stream:
         pickle.dump({"state_dict": Payload()}, stream)
-    with pytest.raises(NotAnExportError, match="weights-only loading rejects it"):
+    with pytest.raises(SystemExit, match="weights-only loading rejects it"):
         evaluate(foreign, tmp_path / "a", "--n", "20")
-    with pytest.raises(NotAnExportError, match="weights-only loading rejects it"):
+    with pytest.raises(SystemExit, match="weights-only loading rejects it"):
         evaluate(shapes_victim, tmp_path / "b", "--n", "20", "--defense", str(foreign))
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
-    with pytest.raises(NotAnExportError, match="not an export of this project"):
+    with pytest.raises(SystemExit, match="not an export of this project"):
         evaluate(plain, tmp_path / "c", "--n", "20")
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_stored_index_lists_are_checked(tmp_path: Path):
@@ -474,9 +478,14 @@ def test_networks_run_channels_last_bf16_and_compiled_as_asked_and_compute_the_s
 
     def load(precision: str) -> tuple[nn.Module, Defense]:
         arguments = argparse.Namespace(
-            classifier=str(shapes_victim), transfer_from=None, defense=[str(export)], precision=precision, compile=False
+            classifier=str(shapes_victim),
+            transfer_from=None,
+            defense=[str(export)],
+            precision=precision,
+            compile=False,
+            data="shapes",
         )
-        classifier, _, (defense,) = evaluator_cli.load_models(arguments, torch.device("cpu"), 3)
+        classifier, _, (defense,) = evaluator_cli.load_models(arguments, torch.device("cpu"), x, len(SHAPE_CLASSES))
         return classifier, defense
 
     reference = load_classifier(shapes_victim)
@@ -552,3 +561,52 @@ def test_resume_refuses_the_rows_of_another_evaluation(shapes_victim: Path, tmp_
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("not an evaluation")
         evaluate(shapes_victim, tmp_path / "other", *small, "--n", "40", "--resume")
+
+
+def write_folder_tree(root: Path, classes: int, per_class: int = 4) -> Path:
+    """root/{train,test}/<class>/<i>.png: 32x32 RGB shapes images, `classes` classes."""
+    images, _ = render_shapes(classes * per_class * 2, seed=3)
+    for index, image in enumerate(images):
+        split, label = ("train", "test")[index % 2], index // 2 % classes
+        folder = root / split / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["classes", "channels", "defense_typo", "wrong_kind", "unreadable_image", "missing_classifier"],
+)
+def test_bad_input_is_one_clear_error_and_leaves_no_results_folder(case: str, shapes_victim: Path, tmp_path: Path):
+    """Each bad input to eval.py ends in one line saying what is wrong and what to do (no traceback),
+    before anything is written: the results folder does not exist afterwards."""
+    data, expected = ["--data", "shapes"], ""
+    defenses = ["--defense", "identity"]
+    classifier = str(shapes_victim)
+    if case == "classes":
+        data = ["--data", "folder", "--data-root", str(write_folder_tree(tmp_path / "tree", classes=3))]
+        expected = r"predicts 10 classes, --data folder has 3; pass a classifier trained on this data set"
+    elif case == "channels":
+        write_data_set("fashion_mnist", tmp_path / "fmnist", train=20, test=20)
+        data = ["--data", "fashion_mnist", "--data-root", str(tmp_path / "fmnist")]
+        expected = r"does not take the \(1, 28, 28\) \(channels, height, width\) images of --data fashion_mnist"
+    elif case == "defense_typo":
+        defenses, expected = ["--defense", "jpg:quality=75"], r"unknown defense 'jpg'; known: \[.*'jpeg'"
+    elif case == "wrong_kind":
+        defenses, expected = (
+            ["--defense", str(shapes_victim)],
+            "exports a classifier, not a defense; pass it as --classifier",
+        )
+    elif case == "unreadable_image":
+        tree = write_folder_tree(tmp_path / "tree", classes=10)
+        broken = tree / "test" / "class3" / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n but cut off here")
+        data = ["--data", "folder", "--data-root", str(tree)]
+        expected = r"'.*broken.png' is not a readable image \(.*\); replace or remove it"
+    elif case == "missing_classifier":
+        classifier, expected = str(tmp_path / "victim.pt"), r"'.*victim.pt' does not exist"
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit, match=f"^error: .*{expected}"):
+        evaluator_cli.main(["--classifier", classifier, *data, *defenses, "--n", "10", "--out", str(out)])
+    assert not out.exists()
