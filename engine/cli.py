@@ -158,7 +158,7 @@ def intact_or_fallback(last: Path) -> Path:
 
 
 def _fallback_hint(path: Path) -> str:
-    fallback, _ = newest_intact_checkpoint(path.parent) if path.parent.is_dir() else (None, {})
+    fallback, _ = newest_intact_checkpoint(path.parent)  # a missing folder has none
     if fallback is None:
         return "No intact checkpoint lies beside it."
     return f"The newest intact checkpoint beside it is '{fallback}': pass it as --ckpt_path (or --ckpt_path last)."

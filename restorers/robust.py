@@ -134,10 +134,14 @@ class RobustRestorer(RestorerModule):
             "l1": hp.restoration_weight,
         }
         loss = sum(weights[name] * term for name, term in terms.items())
-        self.log_dict({f"train/{name}": term for name, term in terms.items()})
         # No prog_bar (RestorerModule.training_step says why).
         self.log_dict(
-            {"train/loss": loss, "train/robust_acc": robust_acc, "train/eps": self.training_epsilon(self.global_step)}
+            {
+                **{f"train/{name}": term for name, term in terms.items()},
+                "train/loss": loss,
+                "train/robust_acc": robust_acc,
+                "train/eps": self.training_epsilon(self.global_step),
+            }
         )
         return loss
 
