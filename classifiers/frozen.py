@@ -57,3 +57,22 @@ class FrozenClassifier(NormalizedClassifier):
 
     def train(self, mode: bool = True) -> FrozenClassifier:
         return super().train(False)
+
+
+def misfit(classifier: FrozenClassifier, shape: tuple[int, int, int], num_classes: int) -> str | None:
+    """Why `classifier` cannot score a data set's images of `shape` (C,H,W) with `num_classes` classes,
+    or None when it can. The channels come from its spec (its normalization would broadcast one grey
+    channel to three without a word); the size and the classes from one forward pass of a blank image
+    on the classifier's own device."""
+    built_for = (classifier.spec or {}).get("in_chans", shape[0])
+    if built_for != shape[0]:
+        return f"it was built for {built_for} channels, the images (channels, height, width) are {shape}"
+    device = next(classifier.parameters()).device
+    try:
+        with torch.no_grad():
+            predicted = classifier(torch.zeros(1, *shape, device=device)).shape[1]
+    except (RuntimeError, AssertionError) as mismatch:  # timm checks input sizes with assertions
+        return f"it fails on {shape} (channels, height, width) images: {str(mismatch).splitlines()[0]}"
+    if predicted != num_classes:
+        return f"it predicts {predicted} classes, the data has {num_classes}"
+    return None

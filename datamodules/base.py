@@ -26,12 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.subset import hold_out
+from engine.errors import InputError
 from engine.seeding import seeded_generator
 
 Split = Literal["train", "test"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(InputError, FileNotFoundError):
     """The data set's files are not where they were expected; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ from torchvision import datasets, transforms
 from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule, to_unit_float, train_loader
 from datamodules.registry import register_data_set
 from datamodules.subset import hold_out
+from engine.errors import InputError
 from engine.export import atomic_save
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -37,7 +38,7 @@ def folder_classes(split_dir: Path) -> tuple[str, ...]:
     return classes
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(InputError):
     """An image file of a data set cannot be decoded."""
 
 
@@ -91,7 +92,7 @@ def decode_image_folder(split_dir: Path, class_names: tuple[str, ...], cache: bo
     images = [_read_rgb(path) for path in files]  # ~0.12 ms per CIFAR JPEG on one core
     sizes = {tuple(image.shape) for image in images}
     if len(sizes) > 1:
-        raise ValueError(
+        raise InputError(
             f"images under '{split_dir}' differ in size ({sorted(sizes)[:3]}...): decode them into "
             "memory only when all have one size, or use ImageFolderStream, which resizes"
         )
@@ -121,8 +122,9 @@ class ImageFolderTensors(TensorImageDataModule):
         split_dir = self.root / "train" if split == "train" else _eval_dir(self.root)
         decoded = decode_image_folder(split_dir, self.class_names, self.cache_decoded)
         if decoded.images.shape[-1] != self.image_size:
-            raise ValueError(
-                f"images under '{split_dir}' are {decoded.images.shape[-1]} px, not image_size={self.image_size}"
+            raise InputError(
+                f"images under '{split_dir}' are {decoded.images.shape[-1]} px, not image_size={self.image_size}: "
+                "set data.init_args.image_size to their size"
             )
         return decoded
 
@@ -194,9 +196,9 @@ class ImageFolderStream(pl.LightningDataModule):
                 transforms.PILToTensor(),
             ]
         )
-        if stage in (None, "fit", "validate"):
+        if stage in (None, "fit", "validate") and "train" not in self.datasets:  # one scan of a large tree
             self._carve_validation(train, evaluate)
-        if stage in (None, "test", "predict"):
+        if stage in (None, "test", "predict") and "test" not in self.datasets:
             self.datasets["test"] = datasets.ImageFolder(str(_eval_dir(self.root)), transform=evaluate)
 
     def _carve_validation(self, train: transforms.Compose, evaluate: transforms.Compose) -> None:

@@ -18,6 +18,7 @@ from torchvision import datasets
 from datamodules.base import DataNotFoundError, ImageSplit, Split, TensorImageDataModule
 from datamodules.image_folder import decode_image_folder, folder_classes
 from datamodules.registry import register_data_set
+from engine.errors import InputError
 
 
 def open_torchvision(name: str, factory: Callable[..., Any], root: Path, download: bool, expected: str) -> Any:
@@ -67,7 +68,10 @@ class CIFAR10(TensorImageDataModule):
         if (self.root / "train").is_dir():
             found = folder_classes(self.root / "train")
             if found != self.class_names:
-                raise ValueError(f"'{self.root}/train' has classes {found}, not CIFAR-10's {self.class_names}")
+                raise InputError(
+                    f"'{self.root}/train' has classes {found}, not CIFAR-10's {self.class_names}: "
+                    "point data.init_args.root at a CIFAR-10 tree, or read this one with ImageFolderTensors"
+                )
             return decode_image_folder(self.root / split, self.class_names, self.cache_decoded)
         dataset = open_torchvision(
             "CIFAR-10",

@@ -7,8 +7,11 @@
 
 Fixed folders (no version_N) are what make `--ckpt_path last` find the run's own last
 checkpoint; a fresh `fit` into a run that already has one is refused rather than silently
-overwriting it. Every model takes `num_classes` and `in_chans`, linked from the data module,
-and the data module's shuffle/augmentation seed is linked from `seed_everything`.
+overwriting it. Bad input (a setting or file the models and data refuse, a frozen classifier that
+does not fit the data, an unreadable image, a damaged checkpoint) ends the command with one
+`error:` line, before anything of the run is written. Every model takes `num_classes` and
+`in_chans`, linked from the data module, and the data module's shuffle/augmentation seed is linked
+from `seed_everything`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
+from classifiers.frozen import FrozenClassifier, misfit
 from engine.callbacks import ExportOnFitEnd
 from engine.checkpointing import (
     AtomicCheckpointIO,
@@ -31,6 +35,7 @@ from engine.checkpointing import (
     checkpoint_problem,
     newest_intact_checkpoint,
 )
+from engine.errors import InputError
 
 
 def _checkpoint_dir(root: str, name: str) -> str:
@@ -48,16 +53,19 @@ def _data_seed(seed_everything: Any) -> int:
 
 class RestorationCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            # A resumed run writes its config again into the same run folder (Lightning #17115).
-            save_config_kwargs={"overwrite": True},
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                # A resumed run writes its config again into the same run folder (Lightning #17115).
+                save_config_kwargs={"overwrite": True},
+                **kwargs,
+            )
+        except InputError as bad_input:
+            raise SystemExit(f"error: {bad_input}") from bad_input
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -99,6 +107,22 @@ class RestorationCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data and trainer; a setting or file they refuse, or a frozen classifier that
+        does not fit the data, is bad input."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, FileExistsError) as refused:
+            raise InputError(str(_first_cause(refused))) from refused
+        classifier, data = getattr(self.model, "classifier", None), self.datamodule
+        if isinstance(classifier, FrozenClassifier) and hasattr(data, "image_size"):
+            problem = misfit(classifier, (data.channels, data.image_size, data.image_size), data.num_classes)
+            if problem is not None:
+                raise InputError(
+                    f"the classifier '{self.model.hparams.classifier}' does not fit the images of "
+                    f"{type(data).__name__}: {problem}; train the restorer on the data its classifier was trained on"
+                )
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run = self._get(self.config_init, "run")
         run_dir = Path(run.root) / run.name
@@ -121,13 +145,17 @@ class RestorationCLI(LightningCLI):
         last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
         ckpt_path = self.config.fit.ckpt_path
         if ckpt_path is None and last.exists():
-            raise FileExistsError(
+            raise InputError(
                 f"run '{self.config.fit.run.name}' already has checkpoints ({last}). Resume it with "
                 "`--ckpt_path last`, start a new run with another `--run.name`, or delete "
                 f"'{last.parent.parent}' to start this one again."
             )
         if ckpt_path == "last" and last.exists():
             self.config_init.fit.ckpt_path = str(intact_or_fallback(last))
+        # The data is read now, not in fit: Lightning opens the run's TensorBoard file before it sets up
+        # the data, and bad data must be an error before anything of the run is written (setup is
+        # idempotent: fit's own call finds the splits loaded).
+        self.datamodule.setup("fit")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then refuse a damaged --ckpt_path FILE before Lightning reads it (it reads the
@@ -138,7 +166,16 @@ class RestorationCLI(LightningCLI):
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             problem = checkpoint_problem(ckpt_path)
             if problem is not None:
-                raise ValueError(f"cannot resume from '{ckpt_path}': {problem}. {_fallback_hint(Path(ckpt_path))}")
+                raise InputError(f"cannot resume from '{ckpt_path}': {problem}. {_fallback_hint(Path(ckpt_path))}")
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The error a refusal started from: jsonargparse re-raises a model's or data module's error inside its
+    own ("Does not validate against any of the Union subtypes ... Given value: <the whole config>"),
+    keeping the original message at the end of the chain."""
+    while not isinstance(error, InputError) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def intact_or_fallback(last: Path) -> Path:
@@ -149,7 +186,7 @@ def intact_or_fallback(last: Path) -> Path:
     fallback, damaged = newest_intact_checkpoint(last.parent)
     if fallback is None:
         found = "; ".join(f"{path.name}: {why}" for path, why in damaged.items())
-        raise ValueError(
+        raise InputError(
             f"cannot resume from '{last}': {problem}, and no checkpoint beside it reads back ({found}). "
             "Start the run again under another --run.name."
         )

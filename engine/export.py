@@ -25,6 +25,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from engine.errors import InputError
+
 EXPORT_FORMAT = "restoration-defense-export"
 # 2: a restorer's "model" holds its "network" and "defense" settings (restorers/base.py). Version 1
 # files (per-kind layouts) still load: each restorer kind reads its own (settings_from_v1).
@@ -33,8 +35,12 @@ READABLE_VERSIONS = (1, 2)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class NotAnExportError(ValueError):
+class NotAnExportError(InputError):
     """A file handed to us is not an export of this project (or not one of the kind expected)."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file handed to us does not exist."""
 
 
 def _umask() -> int:
@@ -96,7 +102,7 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
     """torch.load(weights_only=True) with errors that say what the file was expected to be."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} '{path}' does not exist")
+        raise MissingFileError(f"{what} '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from attacks.registry import RECIPES, parse_attack
 from classifiers import load_classifier
-from classifiers.frozen import FrozenClassifier
+from classifiers.frozen import misfit
 from datamodules import data_module_class, data_set_names
 from datamodules.subset import balanced_indices
 from defenses import Defense, make_defenses
+from engine.errors import InputError
 from engine.export import atomic_write_bytes, device_name, environment_meta, file_sha256
 from evaluation.journal import FOLDER, JournalMismatch, RowJournal
 from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
@@ -158,7 +159,12 @@ def load_models(
 
     def checked(path: str) -> nn.Module:
         classifier = load_classifier(path)
-        check_classifier(classifier, path, images[:1].cpu(), num_classes, args.data)
+        problem = misfit(classifier, tuple(images.shape[1:]), num_classes)
+        if problem is not None:
+            raise InputError(
+                f"the classifier '{path}' does not fit the images of --data {args.data}: {problem}; "
+                "pass a classifier trained on this data set"
+            )
         return for_speed(classifier, device, args.precision, args.compile)
 
     classifier = checked(args.classifier)
@@ -179,31 +185,8 @@ def load_inputs(
     try:
         images, labels, record, num_classes = load_subset(args, device)
         return images, labels, record, load_models(args, device, images, num_classes)
-    except (ValueError, FileNotFoundError) as bad_input:
+    except (ValueError, FileNotFoundError) as bad_input:  # InputError, and settings the data or defenses refused
         raise SystemExit(f"error: {bad_input}") from bad_input
-
-
-def check_classifier(classifier: FrozenClassifier, path: str, image: Tensor, num_classes: int, data: str) -> None:
-    """One clear error unless `classifier` was built for `image`'s channels (1,C,H,W), takes its size, and
-    predicts `num_classes` classes. Channels come from the classifier's spec: its normalization would
-    broadcast one grey channel to three without a word."""
-    shape = tuple(image.shape[1:])
-    wrong = (
-        f"error: the classifier '{path}' does not take the {shape} (channels, height, width) images of --data {data}"
-    )
-    advice = "pass a classifier trained on this data set"
-    built_for = (classifier.spec or {}).get("in_chans", shape[0])
-    if built_for != shape[0]:
-        raise SystemExit(f"{wrong} (it was built for {built_for} channels); {advice}")
-    try:
-        with torch.no_grad():
-            predicted = classifier(image).shape[1]
-    except RuntimeError as mismatch:
-        raise SystemExit(f"{wrong} ({str(mismatch).splitlines()[0]}); {advice}") from mismatch
-    if predicted != num_classes:
-        raise SystemExit(
-            f"error: the classifier '{path}' predicts {predicted} classes, --data {data} has {num_classes}; {advice}"
-        )
 
 
 def run_meta(

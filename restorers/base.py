@@ -43,6 +43,7 @@ from torchvision.utils import make_grid
 from attacks import GradientAttack, seeded_generator
 from classifiers import load_classifier
 from defenses.base import Defense
+from engine.errors import InputError
 from engine.export import NotAnExportError, file_sha256, make_export
 
 ClassifierLoss = Literal["ce", "logits_l1", "stability"]
@@ -180,7 +181,7 @@ class RestorerModule(pl.LightningModule):
         for key, what in (("num_classes", "classes"), ("in_chans", "channels")):
             theirs, ours = self.classifier.spec[key], self.hparams[key]
             if theirs != ours:
-                raise ValueError(
+                raise InputError(
                     f"the classifier {self.victim['path']} has {theirs} {what}, the data {ours}: "
                     "train the restorer on the data its victim was trained on"
                 )

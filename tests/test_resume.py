@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpointing import checkpoint_problem
 from engine.cli import RestorationCLI
 from tests.conftest import REPO_ROOT, run_script, torch_flags_kept
 
@@ -139,17 +141,27 @@ def test_no_intact_checkpoint_is_one_clear_error_naming_each_file(finished_run: 
     for path in checkpoints.glob("*.ckpt"):
         damage(path)
     (checkpoints / "previous.ckpt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"cannot resume from .*last.ckpt'.*previous.ckpt: it is empty"):
+    with pytest.raises(SystemExit, match=r"^error: cannot resume from .*last.ckpt'.*previous.ckpt: it is empty"):
         resume_in_process(finished_run)
 
 
 def test_a_damaged_checkpoint_given_by_path_names_the_intact_one_to_use(finished_run: Path):
+    """The advice names the newest intact checkpoint: one that reads back and is the furthest of those
+    left (previous.ckpt or the best one, whichever the run's validation made last)."""
     checkpoints = finished_run / "runs" / "run" / "checkpoints"
     damage(checkpoints / "last.ckpt")
-    expected = r"cannot resume from .*last.ckpt': it is not a torch checkpoint.*beside it is '.*best-epoch1-step38"
-    with pytest.raises(ValueError, match=expected):
+    expected = r"^error: cannot resume from .*last.ckpt': it is not a torch checkpoint.*beside it is '(.*\.ckpt)'"
+    with pytest.raises(SystemExit, match=expected) as refused:
         RestorationCLI(
             args=["fit", "--config", str(REPO_ROOT / "configs" / "victim_shapes.yaml"), *SMALL]
             + ["--run.name", "run", "--run.root", str(finished_run / "runs"), "--run.export_dir", str(finished_run)]
             + ["--ckpt_path", str(checkpoints / "last.ckpt")]
         )
+    named = Path(re.search(expected, str(refused.value)).group(1))
+    assert named.parent == checkpoints and checkpoint_problem(named) is None
+
+    def step(path: Path) -> int:
+        return torch.load(path, weights_only=True)["global_step"]
+
+    intact = [path for path in checkpoints.glob("*.ckpt") if checkpoint_problem(path) is None]
+    assert step(named) == max(map(step, intact))

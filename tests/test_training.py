@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
 from classifiers import load_classifier
+from classifiers.factory import build_classifier
+from datamodules.shapes import render_shapes
 from engine.cli import RestorationCLI
+from engine.export import atomic_save, make_export
 from tests.conftest import QUICKSTART_CONFIG, QUIET, REPO_ROOT, SMALL_RUN, TWO_CPU_PROCESSES, fit, run_dirs, run_script
 
 TRAIN_IMAGES, BATCH = 3000, 32  # SMALL_RUN's training set and batch size
@@ -92,7 +96,7 @@ def test_resume_continues_from_the_last_checkpoint_exactly(tmp_path: Path):
 
 
 def test_a_fresh_fit_never_overwrites_an_existing_run(trained_run: Path):
-    with pytest.raises(FileExistsError, match="--ckpt_path last"):
+    with pytest.raises(SystemExit, match="^error: run 'victim' already has checkpoints .*--ckpt_path last"):
         fit(trained_run, "victim", "--trainer.max_epochs", "1")
 
 
@@ -249,3 +253,60 @@ def test_a_training_step_reads_nothing_back_to_the_host(config: str, shapes_vict
     finally:
         recorder.restore()
     assert recorder.reads == [], recorder.reads
+
+
+def classifier_file(path: Path, arch: str = "small_cnn", classes: int = 10, channels: int = 3, **arch_kwargs) -> Path:
+    """An untrained classifier's export file: enough for the checks that read its spec or run it once."""
+    spec = {"arch": arch, "num_classes": classes, "in_chans": channels, "arch_kwargs": arch_kwargs}
+    spec |= {"mean": None, "std": None}
+    net = build_classifier(arch, classes, channels, **arch_kwargs)
+    return atomic_save(make_export("classifier", spec, net.state_dict(), {}), path)
+
+
+def broken_image_tree(root: Path) -> Path:
+    """root/{train,test}/<class>/<i>.png (10 classes of shapes), one of the training files cut off."""
+    images, labels = render_shapes(40, seed=5)
+    for index, (image, label) in enumerate(zip(images, labels.tolist())):
+        folder = root / ("train", "test")[index % 2] / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
+    (root / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but cut off here")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case", ["classes", "channels", "image_size", "wrong_kind", "missing_classifier", "unreadable_image"]
+)
+def test_bad_input_to_train_is_one_clear_error_and_writes_nothing(case: str, tmp_path: Path):
+    """Each bad input to `train.py fit` ends in one `error:` line saying what is wrong and what to do
+    (no traceback), before anything of the run is written: no run folder, no export."""
+    config, data = str(REPO_ROOT / "configs" / "sr_shapes.yaml"), []
+    victim = tmp_path / "victim.pt"
+    if case == "classes":
+        classifier_file(victim, classes=5)
+        expected = r"victim.pt has 5 classes, the data 10: train the restorer on the data its victim was trained on"
+    elif case == "channels":
+        classifier_file(victim, channels=1)
+        expected = r"victim.pt has 1 channels, the data 3"
+    elif case == "image_size":  # a ViT made for 32 px images; the shapes drawn at 48 px
+        vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+        classifier_file(victim, "timm/vit_tiny_patch16_224", **vit)
+        data = ["--data.init_args.image_size", "48"]
+        expected = r"does not fit the images of Shapes: it fails on \(3, 48, 48\) .*images: .*48.*32"
+    elif case == "wrong_kind":
+        atomic_save(make_export("sr", {}, {}, {}), victim)
+        expected = r"victim.pt' exports a sr, not a classifier"
+    elif case == "missing_classifier":
+        expected = r"export file '.*victim.pt' does not exist"
+    elif case == "unreadable_image":
+        config = QUICKSTART_CONFIG
+        tree = broken_image_tree(tmp_path / "tree")
+        data = ["--data", "datamodules.ImageFolderTensors", "--data.init_args.root", str(tree)]
+        data += ["--data.init_args.val_images", "4", "--data.init_args.cache_decoded", "false"]
+        expected = r"'.*broken.png' is not a readable image \(.*\); replace or remove it"
+    args = ["fit", "--config", config, *QUIET, *run_dirs(tmp_path, "run"), *data]
+    if config != QUICKSTART_CONFIG:
+        args += ["--model.init_args.classifier", str(victim)]
+    with pytest.raises(SystemExit, match=f"^error: .*{expected}"):
+        RestorationCLI(args=args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "exports").exists()
