@@ -97,13 +97,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="finish an interrupted run: the same command again, with --resume; the rows it finished "
-        "(kept in <out>/rows/) are read back, the others computed",
+        help="finish an interrupted run: the same command again, with --resume; the rows and batches it "
+        "finished (kept in <out>/rows/) are read back, the others computed",
+    )
+    parser.add_argument(
+        "--journal-batch-seconds",
+        type=float,
+        default=30.0,
+        help="keep every attacked batch that took at least this many seconds (in <out>/rows/batches/, until "
+        "its row is kept), so that --resume continues a long row from its last batch; 0 keeps every batch",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.eot < 1 or args.eval_draws < 1 or args.batch_size < 1 or args.sanity_images < 0:
-        parser.error("--eot, --eval-draws and --batch-size must be >= 1, --sanity-images >= 0")
+    if (
+        args.eot < 1
+        or args.eval_draws < 1
+        or args.batch_size < 1
+        or min(args.sanity_images, args.journal_batch_seconds) < 0
+    ):
+        parser.error(
+            "--eot, --eval-draws and --batch-size must be >= 1, --sanity-images and --journal-batch-seconds >= 0"
+        )
     return args
 
 
@@ -220,7 +234,9 @@ def fingerprint(
     """What a row's numbers depend on: the arguments (not where the results go or how they are shown),
     the code, the device and the images."""
     arguments = {
-        key: value for key, value in vars(args).items() if key not in ("out", "overwrite", "resume", "no_progress")
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("out", "overwrite", "resume", "no_progress", "journal_batch_seconds")
     }
     return {**arguments, "commit": environment["commit"], "device": device_name(device), "index_hash": record["hash"]}
 
@@ -237,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = [parse_eps(text) for text in args.eps.split(",")]
     images, labels, record, (classifier, source, defenses) = load_inputs(args, device)
     try:  # before anything is written: a refused --resume leaves the folder as it found it
-        journal = RowJournal(out / FOLDER, fingerprint(args, environment, device, record), args.resume)
+        journal = RowJournal(
+            out / FOLDER, fingerprint(args, environment, device, record), args.resume, args.journal_batch_seconds
+        )
     except JournalMismatch as mismatch:
         raise SystemExit(f"error: {mismatch}") from mismatch
     atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
@@ -253,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eot=args.eot,
         source=source,
         progress=progress,
+        batches=journal.batches.batch,
     )
     rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
     progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
@@ -275,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "sanity_images": args.sanity_images,
             "rows_read_back": journal.loaded,  # finished by an interrupted run that --resume continued
+            "batches_read_back": journal.batches.loaded,
             "defenses": [
                 {"label": defense.label, "argument": text, "spec": defense.spec()}
                 for text, defense in zip(args.defense, defenses)

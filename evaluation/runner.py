@@ -97,12 +97,23 @@ def text_key(*parts: object) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
+BatchSource = Callable[[int, int, Callable[[], Tensor]], tuple[Tensor, float]]
+
+
+def computed_batch(row_key: int, index: int, compute: Callable[[], Tensor]) -> tuple[Tensor, float]:
+    """The BatchSource that computes every batch: (compute(), its seconds)."""
+    started = time.perf_counter()
+    x_adv = compute()
+    return x_adv, time.perf_counter() - started
+
+
 class Evaluator:
     """Scores defenses in front of `classifier` on images (N,C,H,W) in [0,1] with labels (N,).
 
     eval_draws: evaluations averaged per image for a randomized defense; eot: gradient draws per
     attack step when the attacker's model contains a randomized defense; source: the transfer
-    classifier; progress: a tqdm bar advanced once per batch.
+    classifier; progress: a tqdm bar advanced once per batch; batches: gives each attacked batch
+    (evaluation.journal.BatchJournal.batch keeps the batches of long rows).
     """
 
     def __init__(
@@ -117,6 +128,7 @@ class Evaluator:
         eot: int,
         source: nn.Module | None = None,
         progress: object | None = None,
+        batches: BatchSource = computed_batch,
     ) -> None:
         self.classifier = classifier
         self.images = images
@@ -127,6 +139,7 @@ class Evaluator:
         self.eval_draws = eval_draws
         self.eot = eot
         self.progress = progress
+        self.batches = batches
         # The example grid's images: all classes, not the first (class-sorted) ones.
         self.example_positions: list[int] = classes_in_turn(labels, EXAMPLES).tolist()
         self._shared: tuple[tuple, list[Tensor], float] | None = None
@@ -158,13 +171,16 @@ class Evaluator:
             if self.progress is not None:
                 self.progress.update(self.batches_per_row)
             return self._shared[1], self._shared[2]
-        started, adversarials, row_key = time.perf_counter(), [], text_key(*key)
+        adversarials, seconds, row_key = [], 0.0, text_key(*key)
         for index, x, y in self._batches():
             keys = (self.seed, row_key, index)
-            adversarials.append(run(x, y, seeded_generator(x.device, *keys), keys))
+            x_adv, batch_seconds = self.batches(
+                row_key, index, partial(run, x, y, seeded_generator(x.device, *keys), keys)
+            )
+            adversarials.append(x_adv.to(x.device))
+            seconds += batch_seconds
             if self.progress is not None:
                 self.progress.update(1)
-        seconds = time.perf_counter() - started
         self._shared = (key, adversarials, seconds) if shareable else None
         return adversarials, seconds
 

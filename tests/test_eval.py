@@ -23,6 +23,7 @@ from defenses import Defense, make_defense
 from engine.export import atomic_save
 from evaluation import cli as evaluator_cli
 from evaluation import runner
+from evaluation.journal import BatchJournal
 from evaluation.report import sanity_warnings, worst_case
 from evaluation.runner import EXAMPLES, Evaluator, Row, sanity_rows
 from evaluation.subset import index_hash, index_record, read_index_record
@@ -513,11 +514,15 @@ RESUMABLE = [
     "median:kernel=3",
     "bit_depth:bits=4",
     "--attacks",
-    "fgsm,pgd20",
+    "pgd20",
     "--threats",
     "none,gray-box,white-box,bpda",
     "--n",
     "200",
+    "--batch-size",
+    "50",
+    "--journal-batch-seconds",
+    "0",
     "--sanity-images",
     "20",
     "--no-progress",
@@ -525,29 +530,50 @@ RESUMABLE = [
 
 
 def test_a_killed_evaluation_resumes_to_the_results_of_an_uninterrupted_one(shapes_victim: Path, tmp_path: Path):
-    """eval.py killed (SIGKILL) after some rows, then the same command with --resume: the rows it had
-    finished are read back, the rest computed, and every figure equals an uninterrupted run's."""
+    """eval.py killed (SIGKILL) in the middle of a row, after some rows, then the same command with
+    --resume: the rows and the batches of the unfinished row it had kept are read back, the rest
+    computed, and every figure equals an uninterrupted run's."""
     out = tmp_path / "killed"
     command = [sys.executable, "eval.py", "--classifier", str(shapes_victim), *RESUMABLE, "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while len(list((out / "rows").glob("*.pt"))) < 4 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def kept(folder: Path) -> int:
+        return len(list(folder.glob("*.pt")))
+
+    # The first batch of a row after the fourth is kept; three more remain (each PGD-20 on 50 images).
+    while (kept(out / "rows") < 4 or not kept(out / "rows" / "batches")) and time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "eval.py finished before it could be killed"
-    finished = len(list((out / "rows").glob("*.pt")))
-    assert not (out / "results.json").exists()
+    finished, batches = kept(out / "rows"), kept(out / "rows" / "batches")
+    assert not (out / "results.json").exists() and batches >= 1
 
     resumed = evaluate(shapes_victim, out, *RESUMABLE, "--resume")
     straight = evaluate(shapes_victim, tmp_path / "straight", *RESUMABLE)
     assert resumed["meta"]["rows_read_back"] == finished >= 4
+    assert resumed["meta"]["batches_read_back"] == batches and not kept(out / "rows" / "batches")
     figures = ("defense", "threat", "attack", "eps_label", "accuracy", "accuracy_std", "n")
     for section in (lambda r: r["rows"], lambda r: r["sanity"]["large_eps_rows"]):
         assert [[row[key] for key in figures] for row in section(resumed)] == [
             [row[key] for key in figures] for row in section(straight)
         ]
     assert resumed["worst_case"] == straight["worst_case"]
+
+
+def test_a_batch_is_kept_only_when_it_took_long_and_reads_back_bit_equal(tmp_path: Path):
+    x_adv = torch.rand(4, 3, 8, 8)
+    every, long_only = BatchJournal(tmp_path / "every", 0.0), BatchJournal(tmp_path / "long", 60.0)
+    for journal in (every, long_only):
+        assert torch.equal(journal.batch(7, 3, lambda: x_adv)[0], x_adv)
+    assert not list(tmp_path.glob("long/*.pt")) and len(list(tmp_path.glob("every/*.pt"))) == 1
+    again, seconds = every.batch(7, 3, lambda: pytest.fail("a kept batch was attacked again"))
+    assert torch.equal(again, x_adv) and every.loaded == 1 and seconds >= 0
+    every.clear()
+    assert not list(tmp_path.glob("every/*.pt"))
 
 
 def test_resume_refuses_the_rows_of_another_evaluation(shapes_victim: Path, tmp_path: Path):
