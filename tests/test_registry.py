@@ -42,7 +42,9 @@ def test_version_1_exports_still_load_and_give_the_same_defense():
     for kind in VERSION_1_KINDS:
         assert torch.load(FIXTURES / f"{kind}.pt", weights_only=True)["version"] == 1
         defense = make_defense(str(FIXTURES / f"{kind}.pt"), classifier)
-        assert torch.equal(outputs(defense, expected["input"]), expected[kind]), kind
+        # Equal up to float rounding: the file was made on another CPU (AVX-512; AVX2 rounds differently).
+        difference = (outputs(defense, expected["input"]) - expected[kind]).abs().max().item()
+        assert difference <= 1e-6, f"{kind}: differs by up to {difference}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
