@@ -123,6 +123,10 @@ def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TWO_CPU_PROCESSES = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 
+# Validation on 2 batches of 16 images (an int: `1` would read as 1.0, all of them).
+SMALL_VALIDATION = ["--data.init_args.eval_batch_size", "16", "--trainer.limit_val_batches", "2"]
+
+
 def run_dirs(tmp_path: Path, name: str) -> list[str]:
     return ["--run.name", name, "--run.root", str(tmp_path / "runs"), "--run.export_dir", str(tmp_path / "exports")]
 
