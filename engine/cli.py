@@ -25,7 +25,6 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from classifiers.frozen import FrozenClassifier, misfit
 from engine.callbacks import ExportOnFitEnd
 from engine.checkpointing import (
     AtomicCheckpointIO,
@@ -114,14 +113,12 @@ class RestorationCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, FileExistsError) as refused:
             raise InputError(str(_first_cause(refused))) from refused
-        classifier, data = getattr(self.model, "classifier", None), self.datamodule
-        if isinstance(classifier, FrozenClassifier) and hasattr(data, "image_size"):
-            problem = misfit(classifier, (data.channels, data.image_size, data.image_size), data.num_classes)
+        data_misfit = getattr(self.model, "data_misfit", None)  # models with a frozen classifier (restorers)
+        size = getattr(self.datamodule, "image_size", None)
+        if data_misfit is not None and size is not None:
+            problem = data_misfit((self.datamodule.channels, size, size), self.datamodule.num_classes)
             if problem is not None:
-                raise InputError(
-                    f"the classifier '{self.model.hparams.classifier}' does not fit the images of "
-                    f"{type(data).__name__}: {problem}; train the restorer on the data its classifier was trained on"
-                )
+                raise InputError(problem)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run = self._get(self.config_init, "run")

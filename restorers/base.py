@@ -42,6 +42,7 @@ from torchvision.utils import make_grid
 
 from attacks import GradientAttack, seeded_generator
 from classifiers import load_classifier
+from classifiers.frozen import misfit
 from defenses.base import Defense
 from engine.errors import InputError
 from engine.export import NotAnExportError, file_sha256, make_export
@@ -185,6 +186,18 @@ class RestorerModule(pl.LightningModule):
                     f"the classifier {self.victim['path']} has {theirs} {what}, the data {ours}: "
                     "train the restorer on the data its victim was trained on"
                 )
+
+    def data_misfit(self, image_shape: tuple[int, int, int], num_classes: int) -> str | None:
+        """Why the frozen classifier cannot score a data set's images of `image_shape` (C,H,W) and
+        `num_classes` classes (its input size too, which the spec does not hold), or None. train.py asks
+        before anything of the run is written."""
+        problem = misfit(self.classifier, image_shape, num_classes)
+        if problem is None:
+            return None
+        return (
+            f"the classifier '{self.victim['path']}' does not fit the data: {problem}; "
+            "train the restorer on the data its classifier was trained on"
+        )
 
     def adversarial_part(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> Tensor:
         """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)

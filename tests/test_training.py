@@ -292,7 +292,7 @@ def test_bad_input_to_train_is_one_clear_error_and_writes_nothing(case: str, tmp
         vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
         classifier_file(victim, "timm/vit_tiny_patch16_224", **vit)
         data = ["--data.init_args.image_size", "48"]
-        expected = r"does not fit the images of Shapes: it fails on \(3, 48, 48\) .*images: .*48.*32"
+        expected = r"does not fit the data: it fails on \(3, 48, 48\) .*images: .*48.*32"
     elif case == "wrong_kind":
         atomic_save(make_export("sr", {}, {}, {}), victim)
         expected = r"victim.pt' exports a sr, not a classifier"
