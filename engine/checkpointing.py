@@ -61,8 +61,10 @@ def keep_previous(path: Path, previous: Path) -> None:
 
 class MidEpochCheckpoint(pl.Callback):
     """Write `<dirpath>/last.ckpt` every `every_n_steps` optimizer steps and/or every `every_minutes`
-    minutes of training (None: that trigger off). Under DDP every rank takes part in the write; the
-    clock of rank 0 decides, broadcast once per step only when `every_minutes` is set."""
+    minutes of training (None: that trigger off), only at the batch that ended an optimizer step: with
+    gradient accumulation the batches between steps hold gradients no checkpoint keeps. Under DDP every
+    rank takes part in the write; the clock of rank 0 decides, broadcast once per step only when
+    `every_minutes` is set."""
 
     def __init__(
         self, dirpath: str | Path, every_n_steps: int | None = None, every_minutes: float | None = None
@@ -73,11 +75,16 @@ class MidEpochCheckpoint(pl.Callback):
         self.every_n_steps = every_n_steps
         self.every_minutes = every_minutes
         self._last_save = time.monotonic()
+        self._step_seen = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_save = time.monotonic()
+        self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_seen:  # no optimizer step since the last batch (accumulating)
+            return
+        self._step_seen = trainer.global_step
         steps = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
         minutes = False
         if self.every_minutes is not None:

@@ -12,7 +12,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from engine import callbacks
 from engine import export as engine_export
 from engine.callbacks import TrainThroughput
-from engine.checkpointing import AtomicCheckpointIO
+from engine.checkpointing import AtomicCheckpointIO, MidEpochCheckpoint
 from engine.cli import RestorationCLI
 from engine.export import atomic_save, atomic_write_bytes, make_export
 from tests.conftest import REPO_ROOT
@@ -91,3 +91,18 @@ def test_a_full_disk_mid_write_leaves_the_previous_checkpoint_and_results_whole(
     assert {path: path.read_bytes() for path in (last, results)} == old
     assert (tmp_path / "previous.ckpt").read_bytes() == old[last]  # kept before the write began
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt", "previous.ckpt", "results.json"]
+
+
+def test_mid_epoch_checkpoints_are_written_only_where_an_optimizer_step_ended(tmp_path: Path):
+    """With gradient accumulation (2 batches per optimizer step) the batch ends see global_step 0, 1, 1,
+    2, 2, ...: last.ckpt every 3 steps is written once at the batch that made step 3 (and 6); never at
+    step 0, twice for one step, or inside an accumulation, whose gradients no checkpoint holds."""
+    saved: list[int] = []
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(broadcast=lambda value: value))
+    trainer.save_checkpoint = lambda path: saved.append(trainer.global_step)
+    callback = MidEpochCheckpoint(tmp_path, every_n_steps=3)
+    callback.on_train_start(trainer, None)
+    for batch in range(14):
+        trainer.global_step = (batch + 1) // 2
+        callback.on_train_batch_end(trainer, None, None, None, batch)
+    assert saved == [3, 6]
