@@ -34,7 +34,7 @@ from engine.checkpointing import (
     checkpoint_problem,
     newest_intact_checkpoint,
 )
-from engine.errors import InputError
+from engine.errors import InputError, reported_as_one_line
 
 
 def _checkpoint_dir(root: str, name: str) -> str:
@@ -52,7 +52,7 @@ def _data_seed(seed_everything: Any) -> int:
 
 class RestorationCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
-        try:
+        with reported_as_one_line():
             super().__init__(
                 pl.LightningModule,
                 pl.LightningDataModule,
@@ -63,8 +63,6 @@ class RestorationCLI(LightningCLI):
                 save_config_kwargs={"overwrite": True},
                 **kwargs,
             )
-        except InputError as bad_input:
-            raise SystemExit(f"error: {bad_input}") from bad_input
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -4,6 +4,19 @@ use. Its message names the problem and the fix; train.py, eval.py and certify.py
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class InputError(ValueError):
     """Something the user handed over is wrong; the message says what and what to do instead."""
+
+
+@contextlib.contextmanager
+def reported_as_one_line(kinds: tuple[type[Exception], ...] = (InputError,)) -> Iterator[None]:
+    """Inside: an exception of `kinds` ends the command with `error: <message>` (exit status 1)
+    instead of a traceback."""
+    try:
+        yield
+    except kinds as bad_input:
+        raise SystemExit(f"error: {bad_input}") from bad_input

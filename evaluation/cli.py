@@ -26,9 +26,9 @@ from classifiers.frozen import misfit
 from datamodules import data_module_class, data_set_names
 from datamodules.subset import balanced_indices
 from defenses import Defense, make_defenses
-from engine.errors import InputError
+from engine.errors import InputError, reported_as_one_line
 from engine.export import atomic_write_bytes, device_name, environment_meta, file_sha256
-from evaluation.journal import FOLDER, JournalMismatch, RowJournal
+from evaluation.journal import FOLDER, RowJournal
 from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
 from evaluation.runner import AutocastModel, Evaluator, parse_eps, run_rows, sanity_rows, zero_gradient_shares
 from evaluation.subset import index_record, read_index_record
@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.eot < 1
         or args.eval_draws < 1
         or args.batch_size < 1
-        or min(args.sanity_images, args.journal_batch_seconds) < 0
+        or args.sanity_images < 0
+        or args.journal_batch_seconds < 0
     ):
         parser.error(
             "--eot, --eval-draws and --batch-size must be >= 1, --sanity-images and --journal-batch-seconds >= 0"
@@ -196,11 +197,9 @@ def load_inputs(
     """load_subset and load_models, with the command's bad input (a missing file, a classifier that does
     not fit the data, a misspelt defense, an export of the wrong kind, an unreadable image) as one
     `error:` line that names it, no traceback."""
-    try:
+    with reported_as_one_line((ValueError, FileNotFoundError)):  # InputError, and settings data or defenses refused
         images, labels, record, num_classes = load_subset(args, device)
         return images, labels, record, load_models(args, device, images, num_classes)
-    except (ValueError, FileNotFoundError) as bad_input:  # InputError, and settings the data or defenses refused
-        raise SystemExit(f"error: {bad_input}") from bad_input
 
 
 def run_meta(
@@ -252,12 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parse_attack(name)  # fail on a typo now, not after an hour of attacks
     budgets = [parse_eps(text) for text in args.eps.split(",")]
     images, labels, record, (classifier, source, defenses) = load_inputs(args, device)
-    try:  # before anything is written: a refused --resume leaves the folder as it found it
+    with reported_as_one_line():  # before anything is written: a refused --resume leaves the folder as it found it
         journal = RowJournal(
             out / FOLDER, fingerprint(args, environment, device, record), args.resume, args.journal_batch_seconds
         )
-    except JournalMismatch as mismatch:
-        raise SystemExit(f"error: {mismatch}") from mismatch
     atomic_write_bytes(json.dumps(record).encode(), out / "indices.json")
 
     progress = tqdm(total=0, unit="batch", miniters=1, disable=args.no_progress, file=sys.stderr, desc="eval")
