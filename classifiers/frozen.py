@@ -59,14 +59,27 @@ class FrozenClassifier(NormalizedClassifier):
         return super().train(False)
 
 
+def spec_misfit(classifier: FrozenClassifier, channels: int, num_classes: int) -> str | None:
+    """Why `classifier`, by what its file says it was built for, cannot score a data set's images of
+    `channels` channels and `num_classes` classes, or None (also where it came from no file). Nothing
+    runs: it holds wherever the classifier sits, before any device or image size is known. The channels
+    are checked here because the classifier's normalization would broadcast one grey channel to three
+    without a word."""
+    spec = classifier.spec or {}
+    if spec.get("in_chans", channels) != channels:
+        return f"it was built for {spec['in_chans']} channels, the images have {channels}"
+    if spec.get("num_classes", num_classes) != num_classes:
+        return f"it was built for {spec['num_classes']} classes, the data has {num_classes}"
+    return None
+
+
 def misfit(classifier: FrozenClassifier, shape: tuple[int, int, int], num_classes: int) -> str | None:
     """Why `classifier` cannot score a data set's images of `shape` (C,H,W) with `num_classes` classes,
-    or None when it can. The channels come from its spec (its normalization would broadcast one grey
-    channel to three without a word); the size and the classes from one forward pass of a blank image
-    on the classifier's own device."""
-    built_for = (classifier.spec or {}).get("in_chans", shape[0])
-    if built_for != shape[0]:
-        return f"it was built for {built_for} channels, the images (channels, height, width) are {shape}"
+    or None when it can: spec_misfit, then the size and the classes by one forward pass of a blank
+    image on the classifier's own device (a classifier from no file has only the latter)."""
+    problem = spec_misfit(classifier, shape[0], num_classes)
+    if problem is not None:
+        return problem
     device = next(classifier.parameters()).device
     try:
         with torch.no_grad():

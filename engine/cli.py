@@ -111,12 +111,10 @@ class RestorationCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, FileExistsError) as refused:
             raise InputError(str(_first_cause(refused))) from refused
-        data_misfit = getattr(self.model, "data_misfit", None)  # models with a frozen classifier (restorers)
+        check_data = getattr(self.model, "check_data", None)  # models with a frozen classifier (restorers)
         size = getattr(self.datamodule, "image_size", None)
-        if data_misfit is not None and size is not None:
-            problem = data_misfit((self.datamodule.channels, size, size), self.datamodule.num_classes)
-            if problem is not None:
-                raise InputError(problem)
+        if check_data is not None and size is not None:
+            check_data((self.datamodule.channels, size, size), self.datamodule.num_classes)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         run = self._get(self.config_init, "run")

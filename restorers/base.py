@@ -42,7 +42,7 @@ from torchvision.utils import make_grid
 
 from attacks import GradientAttack, seeded_generator
 from classifiers import load_classifier
-from classifiers.frozen import misfit
+from classifiers.frozen import misfit, spec_misfit
 from defenses.base import Defense
 from engine.errors import InputError
 from engine.export import NotAnExportError, file_sha256, make_export
@@ -110,7 +110,9 @@ class RestorerModule(pl.LightningModule):
         self.save_hyperparameters()  # collects the subclass's arguments too
         self.classifier = load_classifier(classifier)
         self.victim = {"path": str(classifier), "sha256": file_sha256(classifier)}
-        self._check_classifier()
+        # What the classifier's file says, at once (no forward pass: no device and no image size are known
+        # yet; a probe in `setup` once met the classifier on the CPU while `self.device` said cuda).
+        self._refuse_misfit(spec_misfit(self.classifier, in_chans, num_classes))
         self.restorer = self.build_network(**self.network_settings())
         if compile_networks:  # lazily: the first call compiles, on whatever device the module is then
             self.classifier.compile()
@@ -174,30 +176,18 @@ class RestorerModule(pl.LightningModule):
             raise TypeError(f"{cls.__qualname__} does not define {missing} (the contract in restorers/base.py)")
 
     # --- shared ----------------------------------------------------------------------------
-    def _check_classifier(self) -> None:
-        """The victim must take the data's channels and predict its classes. Read from the victim
-        file's spec, not from a forward pass: no device is involved, and it fails before the Trainer
-        starts (a probe in `setup` once met the classifier still on the CPU while `self.device`
-        already said cuda)."""
-        for key, what in (("num_classes", "classes"), ("in_chans", "channels")):
-            theirs, ours = self.classifier.spec[key], self.hparams[key]
-            if theirs != ours:
-                raise InputError(
-                    f"the classifier {self.victim['path']} has {theirs} {what}, the data {ours}: "
-                    "train the restorer on the data its victim was trained on"
-                )
+    def check_data(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        """Raise InputError when the frozen classifier cannot score a data set's images of `image_shape`
+        (C,H,W) and `num_classes` classes: its input size too, which only a forward pass shows.
+        train.py asks before anything of the run is written."""
+        self._refuse_misfit(misfit(self.classifier, image_shape, num_classes))
 
-    def data_misfit(self, image_shape: tuple[int, int, int], num_classes: int) -> str | None:
-        """Why the frozen classifier cannot score a data set's images of `image_shape` (C,H,W) and
-        `num_classes` classes (its input size too, which the spec does not hold), or None. train.py asks
-        before anything of the run is written."""
-        problem = misfit(self.classifier, image_shape, num_classes)
-        if problem is None:
-            return None
-        return (
-            f"the classifier '{self.victim['path']}' does not fit the data: {problem}; "
-            "train the restorer on the data its classifier was trained on"
-        )
+    def _refuse_misfit(self, problem: str | None) -> None:
+        if problem is not None:
+            raise InputError(
+                f"the classifier '{self.victim['path']}' does not fit the data: {problem}; "
+                "train the restorer on the data its classifier was trained on"
+            )
 
     def adversarial_part(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> Tensor:
         """PGD adversarials (k,C,H,W) in [0,1] of the batch's first k = round(adversarial_share * N)

@@ -59,7 +59,7 @@ def test_restorers_need_no_device_before_lightning_moves_them(kind: str, shapes_
 
 @pytest.mark.parametrize("kind", restorer_kinds())
 def test_a_victim_of_other_data_is_refused_when_the_restorer_is_built(kind: str, shapes_victim: Path):
-    with pytest.raises(ValueError, match="has 10 classes, the data 5: train the restorer on the data its victim"):
+    with pytest.raises(ValueError, match="built for 10 classes, the data has 5; train the restorer on the data"):
         restorer_class(kind)(classifier=str(shapes_victim), num_classes=5)
-    with pytest.raises(ValueError, match="has 3 channels, the data 1"):
+    with pytest.raises(ValueError, match="built for 3 channels, the images have 1"):
         restorer_class(kind)(classifier=str(shapes_victim), in_chans=1)

@@ -284,10 +284,10 @@ def test_bad_input_to_train_is_one_clear_error_and_writes_nothing(case: str, tmp
     victim = tmp_path / "victim.pt"
     if case == "classes":
         classifier_file(victim, classes=5)
-        expected = r"victim.pt has 5 classes, the data 10: train the restorer on the data its victim was trained on"
+        expected = r"victim.pt' does not fit the data: it was built for 5 classes, the data has 10; train the"
     elif case == "channels":
         classifier_file(victim, channels=1)
-        expected = r"victim.pt has 1 channels, the data 3"
+        expected = r"it was built for 1 channels, the images have 3"
     elif case == "image_size":  # a ViT made for 32 px images; the shapes drawn at 48 px
         vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
         classifier_file(victim, "timm/vit_tiny_patch16_224", **vit)
