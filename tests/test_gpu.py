@@ -35,6 +35,7 @@ from defenses.cam import locate_cam_layers
 from engine.cli import RestorationCLI
 from evaluation import certification as certify_cli
 from evaluation import cli as evaluator_cli
+from evaluation.journal import BatchJournal
 from tests.conftest import QUIET, REPO_ROOT, gpu_tier_device, run_dirs, run_script, torch_flags_kept
 from tests.data_files import accept_written_files, cifar_subset_tree, shapes_split, write_data_set
 from tests.device_audit import audit_paused
@@ -594,6 +595,62 @@ def test_compiled_evaluation_is_no_weaker_on_the_device(tier: Tier, tmp_path: Pa
             assert abs(ours["accuracy"] - theirs["accuracy"]) <= tolerance, (ours, theirs)
         else:
             assert ours["accuracy"] <= theirs["accuracy"] + tolerance, (ours, theirs)
+
+
+ROW_KEYS = ("defense", "threat", "attack", "eps_label", "n")
+
+
+class _Stopped(Exception):
+    """Stands for the process dying (tests/test_eval.py kills eval.py for real, on the CPU)."""
+
+
+def test_an_evaluation_stopped_inside_a_row_resumes_on_the_device(
+    tier: Tier, shapes_victim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """eval.py's journal with the attack on the device (issue 19): a batch attacked there is kept on the
+    host and read back onto the device; stopped inside a row and resumed, the figures are those of an
+    uninterrupted run (within an image per row: the device's backward kernels need not be deterministic)."""
+    command = [
+        "--classifier",
+        str(shapes_victim),  # trained (the tier's victims are not): a batch read back wrong shows in the figures
+        "--defense",
+        "median:kernel=3",
+        "--attacks",
+        "pgd10",
+        "--threats",
+        "none,gray-box,white-box",
+        "--eps",
+        "2/255",
+        "--n",
+        "200",
+        "--batch-size",
+        "50",
+        "--journal-batch-seconds",
+        "0",
+        "--sanity-images",
+        "0",
+        "--device",
+        tier.device.type,
+        "--no-progress",
+    ]
+    attacked, calls = BatchJournal.batch, []
+
+    def stops_at_the_sixth_batch(journal: BatchJournal, key: int, index: int, compute):
+        calls.append(index)
+        if len(calls) == 6:  # the first attacked row (4 batches of 50) kept, the second's first batch too
+            raise _Stopped
+        return attacked(journal, key, index, compute)
+
+    monkeypatch.setattr(BatchJournal, "batch", stops_at_the_sixth_batch)
+    with pytest.raises(_Stopped):
+        evaluator_cli.main([*command, "--out", str(tmp_path / "stopped")])
+    monkeypatch.undo()
+    resumed = evaluator_cli.main([*command, "--resume", "--out", str(tmp_path / "stopped")])
+    straight = evaluator_cli.main([*command, "--out", str(tmp_path / "straight")])
+    assert resumed["meta"]["rows_read_back"] >= 2 and resumed["meta"]["batches_read_back"] == 1
+    for ours, theirs in zip(resumed["rows"], straight["rows"], strict=True):
+        assert [ours[key] for key in ROW_KEYS] == [theirs[key] for key in ROW_KEYS]
+        assert abs(ours["accuracy"] - theirs["accuracy"]) <= 1 / 200 + 1e-9, (ours, theirs)
 
 
 def test_a_restorer_fits_with_compiled_networks_on_the_device(tier: Tier):
