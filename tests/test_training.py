@@ -18,7 +18,6 @@ from engine.export import atomic_save, make_export
 from tests.conftest import QUICKSTART_CONFIG, QUIET, REPO_ROOT, SMALL_RUN, TWO_CPU_PROCESSES, fit, run_dirs, run_script
 
 TRAIN_IMAGES, BATCH = 3000, 32  # SMALL_RUN's training set and batch size
-STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES / BATCH)
 
 
 def export_of(tmp_path: Path, name: str) -> dict:
@@ -74,19 +73,20 @@ def fit_recorded(tmp_path: Path, name: str, recorder: _Recorder, *extra: str) ->
 
 
 def test_resume_continues_from_the_last_checkpoint_exactly(tmp_path: Path):
-    four_epochs = ["--trainer.max_epochs", "4"]
+    # Equality needs no learning: 640 training images (20 steps) an epoch, 4 epochs.
+    four_epochs = ["--trainer.max_epochs", "4", "--data.init_args.num_train", "1140"]
     four_epochs += ["--model.init_args.schedule", "onecycle"]  # its scheduler state must resume too
     fit_recorded(tmp_path, "run", _Recorder(stop_after=2), *four_epochs)
     last = torch.load(tmp_path / "runs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
+    assert (last["epoch"], last["global_step"]) == (1, 2 * 20)
 
     resumed = _Recorder()
     cli = fit_recorded(tmp_path, "run", resumed, *four_epochs, "--ckpt_path", "last")
     epoch, step, momentum = resumed.start
-    assert (epoch, step) == (2, 2 * STEPS_PER_EPOCH)
+    assert (epoch, step) == (2, 2 * 20)
     saved = last["optimizer_states"][0]["state"]
     assert momentum and all(torch.equal(momentum[k], saved[k]["momentum_buffer"]) for k in momentum)
-    assert cli.trainer.global_step == 4 * STEPS_PER_EPOCH
+    assert cli.trainer.global_step == 4 * 20
 
     uninterrupted = fit(tmp_path, "straight", *four_epochs)
     for (name, resumed_weight), straight_weight in zip(
