@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from engine.cli import RestorationCLI
 from tests.device_audit import implicit_device_audit
@@ -22,6 +24,39 @@ CIFAR_TARBALLS = (
 )
 QUICKSTART_CONFIG = str(REPO_ROOT / "configs" / "victim_shapes.yaml")
 GPU_TIER_ON_CPU = "RD_GPU_TIER_ON_CPU"  # =1: run the gpu tier on the CPU (a dry run of its logic, not of any device)
+
+
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist (`pytest -n 2`, what .ci/run does) each worker gets its share of the cores,
+    and so do the train.py / eval.py processes it starts (OMP_NUM_THREADS is inherited): two workers
+    of two threads each on 2 cores spend their time waiting for each other. A test that compares a
+    subprocess's figures with its own then also compares like with like."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_among_workers()
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that `make` fills once per test run, however many xdist workers ask for it: each
+    worker is a process with its own session fixtures, so the first to ask makes it, under a file
+    lock, where all workers' temporary folders live, and the others wait for it and read it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        root = tmp_path_factory.mktemp(name)
+        make(root)
+        return root
+    root = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{root}.lock"):
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # what a worker that failed making it left
+            root.mkdir()
+            make(root)
+            (root / ".complete").touch()
+    return root
 
 
 def gpu_tier_device() -> torch.device | None:
@@ -99,25 +134,26 @@ SMALL_RUN = [
 
 @pytest.fixture(scope="session")
 def shapes_victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's quick start, run once per session: the export file of the trained small CNN."""
-    root = tmp_path_factory.mktemp("quickstart")
-    fit(root, "victim_shapes", shrink=QUIET)
+    """The README's quick start, run once per test run: the export file of the trained small CNN."""
+    root = once_per_run(tmp_path_factory, "quickstart", lambda root: fit(root, "victim_shapes", shrink=QUIET))
     return root / "exports" / "victim_shapes.pt"
 
 
 @pytest.fixture(scope="session")
 def cifar_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per session."""
+    """The real CIFAR-10 JPEG tree from ../shared/data, extracted once per test run."""
     tarball = next((path for path in CIFAR_TARBALLS if path.is_file()), None)
     if tarball is None:
         pytest.skip(
             f"real CIFAR-10 data absent: none of {[str(path) for path in CIFAR_TARBALLS]} (../shared/data beside the "
             "checkout)"
         )
-    root = tmp_path_factory.mktemp("cifar10")
-    with tarfile.open(tarball) as archive:
-        archive.extractall(root, filter="data")
-    return root
+
+    def extract(root: Path) -> None:
+        with tarfile.open(tarball) as archive:
+            archive.extractall(root, filter="data")
+
+    return once_per_run(tmp_path_factory, "cifar10", extract)
 
 
 TWO_CPU_PROCESSES = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
