@@ -161,8 +161,9 @@ class _StopAfterFirstEpoch(pl.Callback):
 
 
 def test_resume_continues_the_restorer_and_its_average(shapes_victim: Path, tmp_path: Path):
-    # Equality needs no learning: 8 steps an epoch, 2 small validation batches.
-    two_epochs = ["--trainer.max_epochs", "2", "--data.init_args.num_train", str(256 + VAL_IMAGES), *SMALL_VALIDATION]
+    steps_per_epoch = 8  # equality needs no learning: 8 steps an epoch, 2 small validation batches
+    two_epochs = ["--trainer.max_epochs", "2", *SMALL_VALIDATION]
+    two_epochs += ["--data.init_args.num_train", str(steps_per_epoch * BATCH + VAL_IMAGES)]
 
     class InterruptedCLI(RestorationCLI):
         def before_fit(self) -> None:
@@ -171,7 +172,7 @@ def test_resume_continues_the_restorer_and_its_average(shapes_victim: Path, tmp_
 
     InterruptedCLI(args=["fit", *sr_args(shapes_victim, *run_dirs(tmp_path, "run"), *two_epochs)])
     resumed = fit_sr(tmp_path, "run", shapes_victim, *two_epochs, "--ckpt_path", "last")
-    assert resumed.trainer.global_step == 2 * 8
+    assert resumed.trainer.global_step == 2 * steps_per_epoch
     straight = fit_sr(tmp_path, "straight", shapes_victim, *two_epochs)
     for name, weight in straight.model.restorer.state_dict().items():  # EMA weights after on_train_end
         assert torch.equal(resumed.model.restorer.state_dict()[name], weight), name

@@ -73,20 +73,20 @@ def fit_recorded(tmp_path: Path, name: str, recorder: _Recorder, *extra: str) ->
 
 
 def test_resume_continues_from_the_last_checkpoint_exactly(tmp_path: Path):
-    # Equality needs no learning: 640 training images (20 steps) an epoch, 4 epochs.
-    four_epochs = ["--trainer.max_epochs", "4", "--data.init_args.num_train", "1140"]
+    steps_per_epoch = 20  # equality needs no learning: 640 training images an epoch (SMALL_RUN holds 500 out)
+    four_epochs = ["--trainer.max_epochs", "4", "--data.init_args.num_train", str(steps_per_epoch * BATCH + 500)]
     four_epochs += ["--model.init_args.schedule", "onecycle"]  # its scheduler state must resume too
     fit_recorded(tmp_path, "run", _Recorder(stop_after=2), *four_epochs)
     last = torch.load(tmp_path / "runs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (last["epoch"], last["global_step"]) == (1, 2 * 20)
+    assert (last["epoch"], last["global_step"]) == (1, 2 * steps_per_epoch)
 
     resumed = _Recorder()
     cli = fit_recorded(tmp_path, "run", resumed, *four_epochs, "--ckpt_path", "last")
     epoch, step, momentum = resumed.start
-    assert (epoch, step) == (2, 2 * 20)
+    assert (epoch, step) == (2, 2 * steps_per_epoch)
     saved = last["optimizer_states"][0]["state"]
     assert momentum and all(torch.equal(momentum[k], saved[k]["momentum_buffer"]) for k in momentum)
-    assert cli.trainer.global_step == 4 * 20
+    assert cli.trainer.global_step == 4 * steps_per_epoch
 
     uninterrupted = fit(tmp_path, "straight", *four_epochs)
     for (name, resumed_weight), straight_weight in zip(
