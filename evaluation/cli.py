@@ -13,6 +13,7 @@ import datetime
 import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,17 @@ from engine.errors import InputError, reported_as_one_line
 from engine.export import atomic_write_bytes, device_name, environment_meta, file_sha256
 from evaluation.journal import FOLDER, RowJournal
 from evaluation.report import RESULTS_FORMAT, example_png, pick_example_row, sanity_warnings, worst_case, write_results
-from evaluation.runner import AutocastModel, Evaluator, parse_eps, run_rows, sanity_rows, zero_gradient_shares
+from evaluation.runner import (
+    AutocastModel,
+    Evaluator,
+    Row,
+    RowSource,
+    Skipped,
+    parse_eps,
+    run_rows,
+    sanity_rows,
+    zero_gradient_shares,
+)
 from evaluation.subset import index_record, read_index_record
 from evaluation.threats import THREATS, parse_threats
 
@@ -240,6 +251,20 @@ def fingerprint(
     return {**arguments, "commit": environment["commit"], "device": device_name(device), "index_hash": record["hash"]}
 
 
+def advancing(journal: RowJournal, progress: tqdm, batches_per_row: int) -> RowSource:
+    """journal.row that also moves the bar past a row it reads back (a computed row moves it batch by
+    batch), so that a resumed run's bar ends at its total."""
+
+    def rows_from(key: tuple, compute: Callable[[], Row | Skipped]) -> Row | Skipped:
+        loaded = journal.loaded
+        result = journal.row(key, compute)
+        if journal.loaded > loaded:
+            progress.update(batches_per_row)
+        return result
+
+    return rows_from
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     environment = environment_meta()  # the commit of the code that runs, read before HEAD can move
@@ -272,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
     progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
-    rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets, journal.row)
+    rows_from = advancing(journal, progress, evaluator.batches_per_row)
+    rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets, rows_from)
     progress.close()
     large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images, journal.row)
     zero_gradients = zero_gradient_shares(evaluator, defenses, threats)

@@ -589,6 +589,21 @@ def test_resume_refuses_the_rows_of_another_evaluation(shapes_victim: Path, tmp_
         evaluate(shapes_victim, tmp_path / "other", *small, "--n", "40", "--resume")
 
 
+def test_a_resumed_run_moves_its_progress_bar_past_the_rows_it_reads_back(
+    shapes_victim: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Every row of the first run is read back by --resume; its bar still ends at its total (4 rows of
+    one 40-image batch: clean x2, FGSM gray-box, FGSM threat none)."""
+    small = ["--defense", "bit_depth:bits=4", "--attacks", "fgsm", "--threats", "none,gray-box", "--n", "40"]
+    evaluate(shapes_victim, tmp_path / "run", *small, "--sanity-images", "0")
+    capsys.readouterr()
+    argv = ["--classifier", str(shapes_victim), "--data", "shapes", "--out", str(tmp_path / "run"), *small]
+    resumed = evaluator_cli.main([*argv, "--sanity-images", "0", "--resume"])
+    assert resumed["meta"]["rows_read_back"] == 4
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "4/4" in bar, bar
+
+
 def write_folder_tree(root: Path, classes: int, per_class: int = 4) -> Path:
     """root/{train,test}/<class>/<i>.png: 32x32 RGB shapes images, `classes` classes."""
     images, _ = render_shapes(classes * per_class * 2, seed=3)
