@@ -251,15 +251,15 @@ def fingerprint(
     return {**arguments, "commit": environment["commit"], "device": device_name(device), "index_hash": record["hash"]}
 
 
-def advancing(journal: RowJournal, progress: tqdm, batches_per_row: int) -> RowSource:
-    """journal.row that also moves the bar past a row it reads back (a computed row moves it batch by
-    batch), so that a resumed run's bar ends at its total."""
+def advancing(journal: RowJournal, evaluator: Evaluator) -> RowSource:
+    """journal.row that also moves the evaluator's bar past a row it reads back (a computed row moves
+    it batch by batch), so that a resumed run's bar ends at its total."""
 
     def rows_from(key: tuple, compute: Callable[[], Row | Skipped]) -> Row | Skipped:
         loaded = journal.loaded
         result = journal.row(key, compute)
         if journal.loaded > loaded:
-            progress.update(batches_per_row)
+            evaluator.row_done_elsewhere()
         return result
 
     return rows_from
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows_per_attack = sum(len(defenses) if threat.defended else 1 for threat in threats)
     progress.total = evaluator.batches_per_row * (1 + len(defenses) + rows_per_attack * len(attacks) * len(budgets))
-    rows_from = advancing(journal, progress, evaluator.batches_per_row)
+    rows_from = advancing(journal, evaluator)
     rows, skipped = run_rows(evaluator, defenses, threats, attacks, args.norm, budgets, rows_from)
     progress.close()
     large_eps = sanity_rows(evaluator, defenses, args.norm, args.sanity_images, journal.row)

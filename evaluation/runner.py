@@ -148,6 +148,12 @@ class Evaluator:
     def batches_per_row(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
+    def row_done_elsewhere(self) -> None:
+        """Move the progress bar past a row whose batches are not attacked here (reused, skipped,
+        already clean, or read back by a journal)."""
+        if self.progress is not None:
+            self.progress.update(self.batches_per_row)
+
     def _batches(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         for index, start in enumerate(range(0, len(self.labels), self.batch_size)):
             yield index, self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
@@ -168,8 +174,7 @@ class Evaluator:
         sees the defense (gray-box, transfer, none) is shareable: its last result is reused for the
         next defense instead of being recomputed."""
         if shareable and self._shared is not None and self._shared[0] == key:
-            if self.progress is not None:
-                self.progress.update(self.batches_per_row)
+            self.row_done_elsewhere()
             return self._shared[1], self._shared[2]
         adversarials, seconds, row_key = [], 0.0, text_key(*key)
         for index, x, y in self._batches():
@@ -237,8 +242,7 @@ class Evaluator:
         scorer = self.classifier if defense is None else scored_model(_DEFENDED, self.classifier, defense)
         threat = "none" if defense is None else "clean"
         images = [x for _, x, _ in self._batches()]
-        if self.progress is not None:
-            self.progress.update(self.batches_per_row)
+        self.row_done_elsewhere()
         return self._row(scorer, defense, threat, "clean", AttackSettings("linf", 0.0, 0), "0", images, 0.0)
 
     def attack(
@@ -251,8 +255,7 @@ class Evaluator:
         if reason is None and norm not in recipe.norms:
             reason = f"{family} is defined for {'/'.join(recipe.norms)} only"
         if reason is not None:
-            if self.progress is not None:
-                self.progress.update(self.batches_per_row)
+            self.row_done_elsewhere()
             return Skipped(label, threat.name, attack, reason)
         randomized = defense.randomized and threat.through_defense
         eot = self.eot if randomized and recipe.supports_eot else 1
