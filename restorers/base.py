@@ -45,7 +45,7 @@ from classifiers import load_classifier
 from classifiers.frozen import misfit, spec_misfit
 from defenses.base import Defense
 from engine.errors import InputError
-from engine.export import NotAnExportError, file_sha256, make_export
+from engine.export import NotAnExportError, file_sha256, make_export, read_export
 
 ClassifierLoss = Literal["ce", "logits_l1", "stability"]
 Schedule = Literal["cosine", "constant"]
@@ -68,6 +68,9 @@ class RestorerModule(pl.LightningModule):
         compile_networks: torch.compile the frozen classifier and the restorer network, in place
             (their state dicts keep their keys: checkpoints and exports load with or without it).
             Compiling takes tens of seconds and pays off in long GPU runs (docs/RESULTS.md).
+        init_from: an export of this kind whose network (the same settings, and what
+            `start_requirements` names) the restorer starts from: a second stage or a fine-tuning.
+            The optimizer, the schedule and the step count start afresh; resuming a run is --ckpt_path.
     """
 
     kind: ClassVar[str] = ""  # the export kind, e.g. "sr": written once, on the subclass
@@ -101,6 +104,7 @@ class RestorerModule(pl.LightningModule):
         val_steps: int = 10,
         grid_images: int = 8,
         compile_networks: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= adversarial_share <= 1:
@@ -114,6 +118,8 @@ class RestorerModule(pl.LightningModule):
         # yet; a probe in `setup` once met the classifier on the CPU while `self.device` said cuda).
         self._refuse_misfit(spec_misfit(self.classifier, in_chans, num_classes))
         self.restorer = self.build_network(**self.network_settings())
+        if init_from is not None:
+            self._load_start(init_from)
         if compile_networks:  # lazily: the first call compiles, on whatever device the module is then
             self.classifier.compile()
             self.restorer.compile()
@@ -160,6 +166,25 @@ class RestorerModule(pl.LightningModule):
         """(network_settings, defense_settings) of an export file of version 1, written before the two
         dicts existed; kinds that never wrote version 1 have none."""
         raise NotAnExportError("this restorer kind has no version-1 export files")
+
+    def start_requirements(self) -> dict[str, Any]:
+        """What an `init_from` export must have trained with besides the network's settings (keys of
+        its model["training"] and their values here); nothing by default."""
+        return {}
+
+    def _load_start(self, path: str) -> None:
+        """The network's weights from an export of this kind and the same settings (strict)."""
+        export = read_export(path, self.kind)
+        model = export["model"]
+        network = model["network"] if export["version"] >= 2 else self.settings_from_v1(model)[0]
+        theirs = {"network": network, **{key: model.get("training", {}).get(key) for key in self.start_requirements()}}
+        ours = {"network": self.network_settings(), **self.start_requirements()}
+        if theirs != ours:
+            raise ValueError(
+                f"init_from '{path}' is a {self.kind} restorer with {theirs}, this one has {ours}: "
+                f"start from a {self.kind} export of the same {' and '.join(ours)}"
+            )
+        self.restorer.load_state_dict(export["state_dict"], strict=True)
 
     def restoration_loss(self, restored: Tensor, target: Tensor, inputs: Tensor) -> Tensor:
         """L1 between the restored image and the target, over every pixel (restorers that change only

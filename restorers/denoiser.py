@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from defenses.smoothing import GaussianSmoothing
-from engine.export import read_export
 from engine.seeding import seeded_generator
 from restorers.base import RestorerModule
 from restorers.registry import register_restorer
@@ -51,7 +50,7 @@ class DenoiserRestorer(RestorerModule):
     arch: ResidualUNet's sizes (widths, blocks, identity_start);
     predict_draws, predict_alpha, batch: the PREDICT eval.py scores behind the exported defense
         (noise draws per image, the binomial test's level, noisy images per forward pass);
-    init_from: a denoiser export whose weights (same sigma and arch) the network starts from.
+    init_from (RestorerModule's): a denoiser export of the same sigma and arch to start from.
     restoration_weight weighs the MSE to the clean image, classifier_weight the classifier term.
     """
 
@@ -66,26 +65,15 @@ class DenoiserRestorer(RestorerModule):
         predict_draws: int = 100,
         predict_alpha: float = 0.001,
         batch: int = 1000,
-        init_from: str | None = None,
         **kwargs: Any,
     ) -> None:
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         super().__init__(classifier, **kwargs)
-        if init_from is not None:
-            self._load_start(init_from)
 
-    def _load_start(self, path: str) -> None:
-        """The network's weights from a denoiser export trained at the same sigma with the same arch (strict)."""
-        export = read_export(path, self.kind)
-        theirs = (export["model"]["network"], export["model"]["training"]["sigma"])
-        ours = (self.network_settings(), self.hparams.sigma)
-        if theirs != ours:
-            raise ValueError(
-                f"init_from '{path}' is a denoiser with (network, sigma) {theirs}, this one {ours}: "
-                "start from a denoiser of the same arch and sigma"
-            )
-        self.restorer.load_state_dict(export["state_dict"], strict=True)
+    def start_requirements(self) -> dict[str, Any]:
+        """An `init_from` denoiser must have been trained at this sigma."""
+        return {"sigma": self.hparams.sigma}
 
     def make_pair(self, x: Tensor, y: Tensor, step: int, evaluation: bool = False) -> tuple[Tensor, Tensor]:
         """(x + sigma * e, x), e ~ N(0, I) drawn from (step, rank): the same noise on every device type."""

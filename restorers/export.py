@@ -35,7 +35,8 @@ def module_from_checkpoint(path: str | Path) -> RestorerModule:
     if kind not in restorer_kinds():
         raise NotAnExportError(f"'{path}' is not a checkpoint of a restorer (kinds: {restorer_kinds()})")
     arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    module = restorer_class(kind)(**{**arguments, "compile_networks": False})  # rebuilt to be read, not trained
+    # Rebuilt to be read, not trained; its weights are the checkpoint's, not those it started from.
+    module = restorer_class(kind)(**{**arguments, "compile_networks": False, "init_from": None})
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     average = _ema_weights(checkpoint)
     if average is not None:

@@ -231,7 +231,7 @@ def test_denoiser_trains_exports_and_is_certified(shapes_victim: Path, tmp_path:
         assert all(row["flipped"] == 0 for row in summary["empirical_check"])
     certify_main([*arguments[:-3], "--out", str(tmp_path / "again"), "--no-progress"])  # the same command again
     assert (tmp_path / "again" / "certify.csv").read_text() == (out / "certify.csv").read_text()
-    with pytest.raises(ValueError, match="start from a denoiser of the same arch and sigma"):
+    with pytest.raises(ValueError, match="start from a denoiser export of the same network and sigma"):
         DenoiserRestorer(str(shapes_victim), sigma=0.5, init_from=str(export))
 
 
