@@ -14,7 +14,9 @@ from datamodules import render_shapes
 from defenses import make_defense
 from defenses.base import DefendedClassifier
 from engine.cli import RestorationCLI
-from restorers import ResidualUNet, RobustRestorer
+from engine.export import NotAnExportError, save_new_export
+from restorers import DenoiserRestorer, ResidualUNet, RobustRestorer
+from restorers.export import module_from_checkpoint
 from tests.conftest import REPO_ROOT, TWO_CPU_PROCESSES, restorer_args, run_script
 
 ROBUST_CONFIG = str(REPO_ROOT / "configs" / "robust_shapes.yaml")
@@ -122,6 +124,29 @@ def test_bad_settings_are_refused_with_the_fix(shapes_victim: Path):
         RobustRestorer(str(shapes_victim), attack_through="defense")
     with pytest.raises(ValueError, match="adversarial_share in"):
         RobustRestorer(str(shapes_victim), adversarial_share=0.0)
+
+
+def test_a_restorer_starts_from_an_export_of_its_kind_and_network(shapes_victim: Path, tmp_path: Path):
+    """init_from (a fine-tuning with a stronger attack, say) starts where the export ended; another
+    network or kind is refused with the fix; its checkpoint reads without the file it started from."""
+    trained = perturbed(RobustRestorer(str(shapes_victim), arch=SMALL_NETWORK))
+    export = save_new_export(lambda: trained.to_export({}), tmp_path / "robust.pt", overwrite=False)
+    started = RobustRestorer(str(shapes_victim), arch=SMALL_NETWORK, attack_steps=4, init_from=str(export))
+    for name, tensor in trained.restorer.state_dict().items():
+        assert torch.equal(started.restorer.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="start from a robust export of the same network"):
+        RobustRestorer(str(shapes_victim), arch={**SMALL_NETWORK, "blocks": 2}, init_from=str(export))
+    with pytest.raises(NotAnExportError, match="exports a robust, not a denoiser"):
+        DenoiserRestorer(str(shapes_victim), arch=SMALL_NETWORK, init_from=str(export))
+    checkpoint = {
+        "restorer_kind": "robust",
+        "hyper_parameters": dict(started.hparams),
+        "state_dict": started.state_dict(),
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    export.unlink()
+    rebuilt = module_from_checkpoint(tmp_path / "last.ckpt").restorer.state_dict()
+    assert all(torch.equal(rebuilt[name], tensor) for name, tensor in started.restorer.state_dict().items())
 
 
 def whitebox_accuracy(defense: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
