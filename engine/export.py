@@ -149,7 +149,8 @@ def check_export(payload: Any, path: str | os.PathLike, kind: str | None = None)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise NotAnExportError(
             f"'{path}' is not an export of this project (no format '{EXPORT_FORMAT}'); "
-            "a Lightning .ckpt can be exported with `python -m classifiers.export RUN.ckpt OUT.pt`"
+            "a Lightning .ckpt can be exported with `python -m classifiers.export RUN.ckpt OUT.pt` (a classifier's) "
+            "or `python -m restorers.export RUN.ckpt OUT.pt` (a restorer's)"
         )
     if payload.get("version") not in READABLE_VERSIONS:
         raise NotAnExportError(

@@ -144,6 +144,8 @@ def test_a_restorer_starts_from_an_export_of_its_kind_and_network(shapes_victim:
         "state_dict": started.state_dict(),
     }
     torch.save(checkpoint, tmp_path / "last.ckpt")
+    with pytest.raises(NotAnExportError, match="python -m restorers.export RUN.ckpt OUT.pt"):
+        RobustRestorer(str(shapes_victim), arch=SMALL_NETWORK, init_from=str(tmp_path / "last.ckpt"))
     export.unlink()
     rebuilt = module_from_checkpoint(tmp_path / "last.ckpt").restorer.state_dict()
     assert all(torch.equal(rebuilt[name], tensor) for name, tensor in started.restorer.state_dict().items())
