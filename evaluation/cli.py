@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--journal-batch-seconds",
         type=float,
         default=30.0,
-        help="keep every attacked batch that took at least this many seconds (in <out>/rows/batches/, until "
+        help="keep every attacked batch that took at least this many seconds (in <out>/rows/batches/<row>/, until "
         "its row is kept), so that --resume continues a long row from its last batch; 0 keeps every batch",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,6 +1,7 @@
 """eval.py's journal: every finished row goes to <out>/rows/ the moment it finishes, and every attacked
-batch of a long row to <out>/rows/batches/ (until its row is kept), so a killed evaluation loses at most
-the batch it was attacking, and `--resume` picks up from there.
+batch of a long row to <out>/rows/batches/<row>/ (until its row is kept), so a killed evaluation loses at
+most the batch it was attacking, and `--resume` picks up from there. A kill between keeping a row and
+removing its batches leaves them behind; the folder per row is what lets a resume tell them apart.
 
 <out>/rows/run.json holds what the rows depend on (the arguments that change a number, the commit,
 the hash of the image indices); a resume with anything else is refused with the difference. A row's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,34 +57,39 @@ class RowJournal:
                     + "). Rerun that command with --resume, or evaluate into a new --out."
                 )
         else:  # --overwrite: the old run's rows and batches must not be taken for this one's
-            for old in [*folder.glob("*.pt"), *self.batches.folder.glob("*.pt")]:
+            for old in folder.glob("*.pt"):
                 old.unlink()
+            shutil.rmtree(self.batches.folder, ignore_errors=True)
         atomic_write_bytes(json.dumps(fingerprint, indent=1).encode(), stored)
 
     def row(self, key: tuple, compute: Callable[[], Row | Skipped]) -> Row | Skipped:
-        path = self.folder / f"{text_key(*key):08x}.pt"
+        name = f"{text_key(*key):08x}"
+        path = self.folder / f"{name}.pt"
         if path.is_file():
             self.loaded += 1
+            self.batches.clear(name)  # left behind when a kill came between keeping the row and this
             return Row(**torch.load(path, map_location="cpu", weights_only=True))
+        self.batches.row = name
         result = compute()
         if isinstance(result, Row):
             atomic_save(dataclasses.asdict(result), path)
-            self.batches.clear()  # the row holds them now
+            self.batches.clear(name)  # the row holds them now
         return result
 
 
 class BatchJournal:
-    """The attacked batches of the row being computed, in `folder`: `batch(key, index, compute)` returns
-    (x_adv, seconds), read back when stored, else computed and stored if it took >= `min_seconds`
-    (a fast row is not worth the disk traffic: it is recomputed instead)."""
+    """The attacked batches of the row being computed (`row`, its journal name), in `folder`/`row`:
+    `batch(key, index, compute)` returns (x_adv, seconds), read back when stored, else computed and
+    stored if it took >= `min_seconds` (a fast row is not worth the disk traffic: it is recomputed instead)."""
 
     def __init__(self, folder: Path, min_seconds: float) -> None:
         self.folder = folder
         self.min_seconds = min_seconds
         self.loaded = 0
+        self.row = ""
 
     def batch(self, key: int, index: int, compute: Callable[[], Tensor]) -> tuple[Tensor, float]:
-        path = self.folder / f"{key:08x}-{index:06d}.pt"
+        path = self.folder / self.row / f"{key:08x}-{index:06d}.pt"
         if path.is_file():
             self.loaded += 1
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,9 +99,9 @@ class BatchJournal:
             atomic_save({"x_adv": x_adv.cpu(), "seconds": seconds}, path)
         return x_adv, seconds
 
-    def clear(self) -> None:
-        for path in self.folder.glob("*.pt"):
-            path.unlink()
+    def clear(self, row: str) -> None:
+        """Remove the batches of the row named `row` (its row file holds them)."""
+        shutil.rmtree(self.folder / row, ignore_errors=True)
 
 
 def _differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

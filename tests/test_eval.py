@@ -23,7 +23,7 @@ from defenses import Defense, make_defense
 from engine.export import atomic_save
 from evaluation import cli as evaluator_cli
 from evaluation import runner
-from evaluation.journal import BatchJournal
+from evaluation.journal import BatchJournal, RowJournal
 from evaluation.report import sanity_warnings, worst_case
 from evaluation.runner import EXAMPLES, Evaluator, Row, sanity_rows
 from evaluation.subset import index_hash, index_record, read_index_record
@@ -541,21 +541,25 @@ def test_a_killed_evaluation_resumes_to_the_results_of_an_uninterrupted_one(shap
     def kept(folder: Path) -> int:
         return len(list(folder.glob("*.pt")))
 
+    def unfinished_batches() -> int:  # a kill just after a row was kept can leave that row's batches
+        folders = (out / "rows" / "batches").glob("*/")
+        return sum(kept(folder) for folder in folders if not (out / "rows" / f"{folder.name}.pt").exists())
+
     # The first batch of a row after the fourth is kept; three more remain (each PGD-20 on 50 images).
-    while (kept(out / "rows") < 4 or not kept(out / "rows" / "batches")) and time.monotonic() < deadline:
+    while (kept(out / "rows") < 4 or not unfinished_batches()) and time.monotonic() < deadline:
         if process.poll() is not None:
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "eval.py finished before it could be killed"
-    finished, batches = kept(out / "rows"), kept(out / "rows" / "batches")
+    finished, batches = kept(out / "rows"), unfinished_batches()
     assert not (out / "results.json").exists() and batches >= 1
 
     resumed = evaluate(shapes_victim, out, *RESUMABLE, "--resume")
     straight = evaluate(shapes_victim, tmp_path / "straight", *RESUMABLE)
     assert resumed["meta"]["rows_read_back"] == finished >= 4
-    assert resumed["meta"]["batches_read_back"] == batches and not kept(out / "rows" / "batches")
+    assert resumed["meta"]["batches_read_back"] == batches and not list((out / "rows" / "batches").rglob("*.pt"))
     figures = ("defense", "threat", "attack", "eps_label", "accuracy", "accuracy_std", "n")
     for section in (lambda r: r["rows"], lambda r: r["sanity"]["large_eps_rows"]):
         assert [[row[key] for key in figures] for row in section(resumed)] == [
@@ -568,12 +572,44 @@ def test_a_batch_is_kept_only_when_it_took_long_and_reads_back_bit_equal(tmp_pat
     x_adv = torch.rand(4, 3, 8, 8)
     every, long_only = BatchJournal(tmp_path / "every", 0.0), BatchJournal(tmp_path / "long", 60.0)
     for journal in (every, long_only):
+        journal.row = "r1"
         assert torch.equal(journal.batch(7, 3, lambda: x_adv)[0], x_adv)
-    assert not list(tmp_path.glob("long/*.pt")) and len(list(tmp_path.glob("every/*.pt"))) == 1
+    assert not list(tmp_path.glob("long/r1/*.pt")) and len(list(tmp_path.glob("every/r1/*.pt"))) == 1
     again, seconds = every.batch(7, 3, lambda: pytest.fail("a kept batch was attacked again"))
     assert torch.equal(again, x_adv) and every.loaded == 1 and seconds >= 0
-    every.clear()
-    assert not list(tmp_path.glob("every/*.pt"))
+    every.clear("r1")
+    assert not list(tmp_path.glob("every/**/*.pt"))
+
+
+def test_batches_a_kill_left_behind_a_kept_row_are_removed_not_read_back(tmp_path: Path):
+    """A kill between keeping a row and removing its batches leaves them behind (what failed the
+    kill-and-resume test once); the resume reads that row back and removes them, and reads back the
+    batches of the row it had not finished, only those."""
+    x_adv = torch.rand(4, 3, 8, 8)
+
+    def attacked(journal: RowJournal, batches: int) -> Row:
+        for index in range(batches):
+            journal.batches.batch(7, index, lambda: x_adv)
+        return _row("white-box", "pgd20", 8 / 255, 0.5)
+
+    def killed(journal: RowJournal) -> Row:
+        attacked(journal, 1)
+        raise KeyboardInterrupt
+
+    journal = RowJournal(tmp_path, {"n": 4}, resume=False, batch_seconds=0.0)
+    journal.row(("kept",), lambda: attacked(journal, 2))
+    journal.batches.clear = lambda row: None  # the kill lands after the next row is kept
+    journal.row(("kept, batches left",), lambda: attacked(journal, 3))
+    with pytest.raises(KeyboardInterrupt):
+        journal.row(("unfinished",), lambda: killed(journal))
+
+    resumed = RowJournal(tmp_path, {"n": 4}, resume=True, batch_seconds=0.0)
+    for key in (("kept",), ("kept, batches left",)):
+        resumed.row(key, lambda: pytest.fail("a kept row was computed again"))
+    assert resumed.loaded == 2 and resumed.batches.loaded == 0
+    assert len(list((tmp_path / "batches").rglob("*.pt"))) == 1  # the unfinished row's
+    resumed.row(("unfinished",), lambda: attacked(resumed, 3))
+    assert resumed.batches.loaded == 1 and not list((tmp_path / "batches").rglob("*.pt"))
 
 
 def test_resume_refuses_the_rows_of_another_evaluation(shapes_victim: Path, tmp_path: Path):
